@@ -1,0 +1,18 @@
+"""Test-wide JAX settings: strict rank promotion and a persistent compilation cache."""
+
+import os
+import pathlib
+
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "RL_JAX_COMPILATION_CACHE",
+        str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax"),
+    ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
