@@ -7,8 +7,8 @@ all-reduces, so sums over the batch are exact across devices. The same code runs
 
 from __future__ import annotations
 
-import numpy as np
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA, FSDP = "data", "fsdp"
