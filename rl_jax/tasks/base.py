@@ -1,0 +1,36 @@
+"""What the RL loop needs from a task: prompts, a held-out set, a tokenizer and a reward."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompt and the gold answer its reward is checked against (task-specific text)."""
+
+    prompt: str
+    answer: str
+
+
+class Task(Protocol):
+    """A verifiable-reward task (arXiv 2509.24203 §4 trains on such rewards).
+
+    `sample_prompts` draws training prompts only; `eval_examples` is a fixed held-out set,
+    disjoint from every training prompt. `max_prompt_len` counts BOS; `max_response_len` is the
+    generation cap in tokens (EOS included).
+    """
+
+    name: str
+    tokenizer: object
+    max_prompt_len: int
+    max_response_len: int
+
+    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]: ...
+
+    def eval_examples(self, n: int | None = None) -> list[Example]: ...
+
+    def reward(self, completion: str, example: Example) -> float: ...
