@@ -1,0 +1,317 @@
+"""GSM8K: the TFDS builder over JSONL (no TensorFlow), the paper's prompt and reward, the task."""
+
+import decimal
+import json
+import pathlib
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rl_jax.tasks import gsm8k
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+TINY_DIR = REPO / "tests" / "fixtures" / "gsm8k_tiny"
+TOKENIZER_DIR = REPO.parent / "shared" / "models" / "tiny-qwen2"
+# sha256 of the files, from ../shared/data/gsm8k/README.md
+SOURCE_SHA256 = {
+    "train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+}
+
+needs_gsm8k = pytest.mark.skipif(
+    not GSM8K_DIR.is_dir(), reason=f"GSM8K data directory {GSM8K_DIR} is absent"
+)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def builder_module():
+    return pytest.importorskip(
+        "rl_jax.tasks.gsm8k_builder", reason="needs the 'data' extra (tensorflow-datasets)"
+    )
+
+
+@pytest.fixture(scope="module")
+def real_splits(builder_module, tmp_path_factory):
+    """Both real splits prepared once into a fresh cache and read back through TFDS."""
+    if not GSM8K_DIR.is_dir():
+        pytest.skip(f"GSM8K data directory {GSM8K_DIR} is absent")
+    cache = tmp_path_factory.mktemp("tfds")
+    splits = {s: builder_module.load_split(GSM8K_DIR, s, cache) for s in ("train", "test")}
+    return cache, splits
+
+
+# --- builder -------------------------------------------------------------------------------
+
+
+@needs_gsm8k
+def test_builder_prepares_real_files_and_reads_them_back_without_tensorflow(
+    builder_module, real_splits
+):
+    import tensorflow_datasets as tfds
+
+    cache, splits = real_splits
+    assert len(splits["train"]) == 7473 and len(splits["test"]) == 1319
+    for split, examples in splits.items():
+        rows = _rows(GSM8K_DIR / f"{split}.jsonl")
+        assert [e.index for e in examples] == list(range(len(rows)))
+        assert [(e.question, e.answer) for e in examples] == [
+            (r["question"], r["answer"]) for r in rows
+        ]
+    assert splits["test"][0].question.startswith("Janet\u2019s ducks lay 16 eggs per day.")
+    assert splits["test"][0].gold == 18
+
+    builder = builder_module.prepare(GSM8K_DIR, cache)
+    assert builder.info.metadata["source_sha256"] == SOURCE_SHA256
+    assert builder.info.splits["train"].num_examples == 7473
+    source = tfds.data_source("gsm8k_jsonl", split="test", data_dir=str(cache))
+    assert len(source) == 1319
+    assert sorted(int(source[i]["index"]) for i in range(len(source))) == list(range(1319))
+    assert list((cache / "gsm8k_jsonl" / "1.0.0").glob("*.array_record*"))
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"question": "q", "answer": "a #### 1"', "invalid JSON"),
+        ('["question", "answer"]', "expected a JSON object, got list"),
+        ('{"question": "q"}', "field 'answer' must be a string"),
+        ('{"question": 7, "answer": "#### 7"}', "field 'question' must be a string"),
+        ('{"question": "q", "answer": "it is seven"}', "gold answer must end in"),
+        ('{"question": "q", "answer": "#### seven"}', "gold answer must end in"),
+    ],
+)
+def test_malformed_line_names_file_and_line(builder_module, tmp_path, bad_line, message):
+    good = (TINY_DIR / "test.jsonl").read_text().splitlines()
+    path = tmp_path / "test.jsonl"
+    # Line 3 is blank (skipped but counted), so the bad line is line 4.
+    path.write_text("\n".join([good[0], good[1], "", bad_line, good[0]]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:4: .*{re.escape(message)}"):
+        builder_module.read_jsonl(path)
+
+
+def test_malformed_line_fails_preparation_with_its_location(builder_module, tmp_path):
+    source = tmp_path / "jsonl"
+    shutil.copytree(TINY_DIR, source)
+    with (source / "train.jsonl").open("a") as f:
+        f.write("{not json}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{source / 'train.jsonl'}:5: ")):
+        builder_module.load_split(source, "train", tmp_path / "tfds")
+    with pytest.raises(ValueError, match="split must be one of"):
+        builder_module.load_split(TINY_DIR, "validation", tmp_path / "tfds")
+
+
+def test_changed_source_is_prepared_again(builder_module, tmp_path):
+    source, cache = tmp_path / "jsonl", tmp_path / "tfds"
+    shutil.copytree(TINY_DIR, source)
+    first = builder_module.load_split(source, "test", cache)
+    assert [e.gold for e in first] == [42, decimal.Decimal("4.5")]
+    extra = {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}
+    with (source / "test.jsonl").open("a") as f:
+        f.write(json.dumps(extra) + "\n")
+    second = builder_module.load_split(source, "test", cache)
+    assert second[:2] == first and (second[2].index, second[2].question) == (2, extra["question"])
+
+
+# --- reward --------------------------------------------------------------------------------
+
+
+def _formatted(reasoning: str, final: str) -> str:
+    return f"<think>{reasoning}</think> <answer>{final}</answer>"
+
+
+@needs_gsm8k
+def test_gold_solution_of_every_test_problem_gets_full_accuracy():
+    rows = _rows(GSM8K_DIR / "test.jsonl")
+    assert len(rows) == 1319
+    for row in rows:
+        reasoning, final = row["answer"].rsplit("####", 1)
+        gold = row["answer"]
+        completion = _formatted(reasoning.strip(), final.strip())
+        assert gsm8k.accuracy(completion, gold) == 1.0, row
+        assert gsm8k.reward(completion, gold) == pytest.approx(1.1)
+        wrong = str(gsm8k.gold_number(gold) + 1)
+        assert gsm8k.accuracy(_formatted(reasoning, wrong), gold) == 0.0, row
+        assert gsm8k.reward(_formatted(reasoning, wrong), gold) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "answer_text, gold",
+    [
+        ("18", "#### 18"),
+        ("$18", "#### 18"),
+        ("$18.", "#### 18"),
+        ("18 dollars", "#### 18"),
+        ("She makes $18 every day.", "#### 18"),
+        ("16 - 3 - 4 = 9, so 9 * 2 = 18", "#### 18"),
+        ("\nThe answer is:\n$70,000\n", "#### 70000"),
+        ("70000", "#### 70,000"),
+        ("1,575,000 km", "#### 1,575,000"),
+        ("18.00", "#### 18"),
+        ("-5", "#### -5"),
+        ("-$5", "#### -5"),
+        ("$-5", "#### -5"),
+        ("\u22125 degrees", "#### -5"),
+        ("4.5 cookies", "#### 4.5"),
+        ("150%", "#### 150"),
+        ("\\boxed{18}", "#### 18"),
+    ],
+)
+def test_accuracy_accepts_answer_variants(answer_text, gold):
+    assert gsm8k.accuracy(_formatted("...", answer_text), "steps\n" + gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<think>...</think> <answer>17</answer>",  # wrong number
+        "<think>...</think> <answer>-18</answer>",  # wrong sign
+        "<think>...</think> <answer>18.5</answer>",  # wrong decimal
+        "<think>...</think> <answer>180</answer>",
+        "<think>...</think> <answer>1,8</answer>",  # "1" and "8", last is 8
+        "<think>...</think> <answer></answer>",
+        "<think>...</think> <answer>eighteen</answer>",
+        "<think>18</think> the answer is 18",  # no answer block: no fallback
+        "<think>...</think> <answer>18",  # truncated block
+        "<think>...</think> <answer>17</answer> <answer>18</answer>",  # first block counts
+        "<answer>5</answer>",
+        "",
+    ],
+)
+def test_accuracy_rejects_wrong_or_missing_answers(completion):
+    assert gsm8k.accuracy(completion, "#### 18") == 0.0
+
+
+@pytest.mark.parametrize(
+    "completion, well_formed",
+    [
+        ("<think>a</think> <answer>1</answer>", True),
+        ("<think>a</think><answer>1</answer>", True),
+        ("<think>\na\n</think>\n<answer>\n1\n</answer>\n\n", True),
+        ("Let me think. <think>a</think> <answer>1</answer>", True),
+        ("<think>a</think> <answer>1</answer> done", False),
+        ("<think>a</think> <answer>1</answer>\nmore text", False),  # the authors' MULTILINE $
+        ("<think>a</think> x <answer>1</answer>", False),
+        ("<answer>1</answer>", False),
+        ("a</think> <answer>1</answer>", False),
+        ("<think>a</think> <answer>1</answer></answer>", False),
+        ("<think>a</think> <answer>1", False),
+        ("", False),
+    ],
+)
+def test_format_requires_think_then_answer_at_the_end(completion, well_formed):
+    assert gsm8k.is_well_formed(completion) is well_formed
+
+
+def test_reward_combines_both_parts_with_configurable_weights():
+    gold = "#### 3"
+    cases = {
+        "<think>a</think> <answer>3</answer>": 1.1,
+        "<think>a</think> <answer>4</answer>": 0.1,
+        "<answer>3</answer> trailing": 0.9,
+        "garbage": -0.1,
+    }
+    for completion, expected in cases.items():
+        assert gsm8k.reward(completion, gold) == pytest.approx(expected)
+    accuracy_only = gsm8k.RewardConfig(format_weight=0.0)
+    assert gsm8k.reward("<answer>3</answer> x", gold, accuracy_only) == 1.0
+    assert gsm8k.reward("garbage", gold, accuracy_only) == 0.0
+    weighted = gsm8k.RewardConfig(accuracy_weight=2.0, format_weight=0.5)
+    assert gsm8k.reward("<think>a</think><answer>3</answer>", gold, weighted) == 2.5
+    with pytest.raises(ValueError, match="format_weight"):
+        gsm8k.RewardConfig(format_weight=-0.1)
+    with pytest.raises(ValueError, match="accuracy_weight"):
+        gsm8k.RewardConfig(accuracy_weight=float("nan"))
+    with pytest.raises(ValueError, match="gold answer"):
+        gsm8k.accuracy("<answer>3</answer>", "no final number")
+
+
+_FRAGMENTS = st.sampled_from(
+    ["<think>", "</think>", "<answer>", "</answer>", "####", "$", ",", ".", "-", "\u2212", " ",
+     "\n", "1,000", "-3.5", "9" * 60, "\u0663", "\uff15", "<", ">", "/"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.text(), st.lists(st.one_of(_FRAGMENTS, st.text(max_size=5))).map("".join)),
+    st.integers(-(10**6), 10**6),
+)
+def test_garbage_never_raises(completion, gold):
+    assert gsm8k.accuracy(completion, f"#### {gold}") in (0.0, 1.0)
+    value = gsm8k.reward(completion, f"#### {gold}")
+    assert any(value == pytest.approx(r) for r in (1.1, 0.9, 0.1, -0.1))
+    gsm8k.extract_answer(completion)
+
+
+# --- prompt and task -----------------------------------------------------------------------
+
+
+def test_prompt_follows_the_r1_layout():
+    prompt = gsm8k.format_prompt("What is 2 + 2?")
+    assert prompt == (
+        f"<|im_start|>system\n{gsm8k.SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "<think> reasoning process here </think>" in gsm8k.SYSTEM_PROMPT
+    assert "<answer> answer here </answer>" in gsm8k.SYSTEM_PROMPT
+    plain = gsm8k.format_prompt("Q?", template="plain")
+    assert plain.startswith(gsm8k.SYSTEM_PROMPT) and plain.endswith("User: Q?\nAssistant:")
+    assert [m["role"] for m in gsm8k.chat_messages("Q?")] == ["system", "user"]
+    with pytest.raises(ValueError, match="template must be one of"):
+        gsm8k.format_prompt("Q?", template="alpaca")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"tokenizer {TOKENIZER_DIR} is absent")
+    from rl_jax.tokenizer import HFTokenizer
+
+    return HFTokenizer(TOKENIZER_DIR)
+
+
+def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tokenizer, tmp_path):
+    options = {"data_dir": str(TINY_DIR), "tfds_data_dir": str(tmp_path)}
+    task = gsm8k.GSM8KTask(tokenizer=tokenizer, **options)
+    train_questions = [r["question"] for r in _rows(TINY_DIR / "train.jsonl")]
+    assert [e.prompt for e in task.train_examples()] == [
+        gsm8k.format_prompt(q) for q in train_questions
+    ]
+    eval_examples = task.eval_examples()
+    assert [e.answer.rsplit("####")[-1].strip() for e in eval_examples] == ["42", "4.5"]
+    assert task.eval_examples(1) == eval_examples[:1]
+
+    batch = task.sample_prompts(np.random.default_rng(0), 3)
+    assert batch == task.sample_prompts(0, 3)
+    assert len({e.prompt for e in batch}) == 3 and set(batch) <= set(task.train_examples())
+
+    longest = max(
+        len(tokenizer.encode(e.prompt, add_bos=True))
+        for e in task.train_examples() + task.eval_examples()
+    )
+    assert task.max_prompt_len == longest and task.max_response_len == 1024
+    example = eval_examples[1]
+    assert task.reward("<think>9/2</think> <answer>4.5</answer>", example) == pytest.approx(1.1)
+    assert task.reward("4.5", example) == pytest.approx(-0.1)
+
+    small = gsm8k.GSM8KTask(tokenizer=tokenizer, num_eval=1, format_weight=0.0, **options)
+    assert len(small.eval_examples()) == 1 and small.reward("<answer>42</answer>", example) == 0
+    with pytest.raises(ValueError, match=f"max_prompt_len must be at least {longest}"):
+        gsm8k.GSM8KTask(tokenizer=tokenizer, max_prompt_len=longest - 1, **options)
+    with pytest.raises(ValueError, match="num_eval must be at most 2"):
+        gsm8k.GSM8KTask(tokenizer=tokenizer, num_eval=3, **options)
+    with pytest.raises(ValueError, match="template must be one of"):
+        gsm8k.GSM8KConfig(template="alpaca")
+    with pytest.raises(ValueError, match="tokenizer must be given"):
+        gsm8k.GSM8KTask(**options)
