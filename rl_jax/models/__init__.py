@@ -1,0 +1,26 @@
+"""Flax decoder of the Qwen2 / Llama family, its presets and Hugging Face checkpoint I/O."""
+
+from rl_jax.models.config import Llama3RopeScaling, ModelConfig, config_names, get_config
+from rl_jax.models.decoder import (
+    Decoder,
+    KVCache,
+    decode,
+    default_positions,
+    forward,
+    init_cache,
+    init_model,
+)
+
+__all__ = [
+    "Decoder",
+    "KVCache",
+    "Llama3RopeScaling",
+    "ModelConfig",
+    "config_names",
+    "decode",
+    "default_positions",
+    "forward",
+    "get_config",
+    "init_cache",
+    "init_model",
+]

@@ -1,0 +1,288 @@
+"""A decoder-only transformer of the Qwen2 / Llama family in Flax NNX.
+
+    h_0 = E[tokens];  for each layer l:
+        a   = h + W_o · Attn(RoPE(W_q n), RoPE(W_k n), W_v n),  n = RMSNorm(h)
+        h'  = a + W_down (silu(W_gate m) * W_up m),            m = RMSNorm(a)
+    logits = RMSNorm(h_L) · W_head   (W_head = E^T when embeddings are tied)
+
+Layers are stacked on a leading axis and run with `lax.scan` (one compiled layer body for any
+depth). Attention is grouped-query (num_kv_heads divides num_heads) with an optional q/k/v bias
+(Qwen2). Masked scores take a large finite negative value, so rows with nothing to attend to
+(left padding) stay finite. Parameters are float32; `config.dtype` sets the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rl_jax.models.config import ModelConfig
+
+_MASK_VALUE = -1e30  # finite: a fully masked row softmaxes to uniform instead of NaN
+_INIT_STD = 0.02
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values, each `[num_layers, batch, max_len, num_kv_heads, head_dim]`."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies `theta^(-2i/head_dim)`, `[head_dim // 2]`, with Llama-3 scaling."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+    inv_freq = 1.0 / config.rope_theta**exponents
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    wavelen = 2 * math.pi / inv_freq
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelen = original / scaling.low_freq_factor
+    high_freq_wavelen = original / scaling.high_freq_factor
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return np.where(medium, interpolated, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate halves of `x` `[batch, seq, heads, head_dim]` by `positions[batch, seq] * inv_freq`.
+
+    Pairs are (i, i + head_dim/2) (the HF "rotate_half" layout), computed in float32.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d) masked by `allowed`) v with grouped KV heads.
+
+    q `[batch, q_len, heads, d]`, k/v `[batch, kv_len, kv_heads, d]`, allowed
+    `[batch, q_len, kv_len]` bool -> `[batch, q_len, heads, d]`. Query head h reads KV head
+    h // (heads / kv_heads). Scores and softmax are float32.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+class Dense(nnx.Module):
+    """y = x W (+ b) with W `[in, out]` stored in param_dtype and applied in `dtype`."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, config: ModelConfig, rngs):
+        pdtype = jnp.dtype(config.param_dtype)
+        self.dtype = config.dtype
+        self.kernel = nnx.Param(_INIT_STD * jax.random.normal(rngs.params(), (d_in, d_out), pdtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), pdtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, normalised in float32."""
+
+    def __init__(self, dim: int, config: ModelConfig):
+        self.eps = config.rms_norm_eps
+        self.dtype = config.dtype
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return scale * x32.astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: grouped-query attention with RoPE, then a SwiGLU MLP."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.config = config
+        self.input_norm = RMSNorm(d, config)
+        self.q_proj = Dense(d, config.num_heads * config.head_dim, bias=config.qkv_bias,
+                            config=config, rngs=rngs)  # fmt: skip
+        self.k_proj = Dense(d, config.num_kv_heads * config.head_dim, bias=config.qkv_bias,
+                            config=config, rngs=rngs)  # fmt: skip
+        self.v_proj = Dense(d, config.num_kv_heads * config.head_dim, bias=config.qkv_bias,
+                            config=config, rngs=rngs)  # fmt: skip
+        self.o_proj = Dense(config.num_heads * config.head_dim, d, bias=False, config=config,
+                            rngs=rngs)  # fmt: skip
+        self.post_attn_norm = RMSNorm(d, config)
+        self.gate_proj = Dense(d, f, bias=False, config=config, rngs=rngs)
+        self.up_proj = Dense(d, f, bias=False, config=config, rngs=rngs)
+        self.down_proj = Dense(f, d, bias=False, config=config, rngs=rngs)
+
+    def qkv(self, x: jax.Array, positions: jax.Array):
+        """Rotated queries `[b, t, heads, d]` and keys, values `[b, t, kv_heads, d]`."""
+        c = self.config
+        n = self.input_norm(x)
+        batch, seq = x.shape[:2]
+        q = self.q_proj(n).reshape(batch, seq, c.num_heads, c.head_dim)
+        k = self.k_proj(n).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(n).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        inv_freq = rope_inv_freq(c)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def finish(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+        """Residual output projection, then the residual SwiGLU MLP."""
+        x = x + self.o_proj(attn_out.reshape(*attn_out.shape[:2], -1))
+        m = self.post_attn_norm(x)
+        return x + self.down_proj(jax.nn.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+def default_positions(tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """Position ids `[batch, seq]`: cumsum(mask) - 1 clipped at 0 (arange without a mask)."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Decoder(nnx.Module):
+    """The policy network. `model(tokens)` -> float32 logits `[batch, seq, vocab]`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pdtype = jnp.dtype(config.param_dtype)
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed = nnx.Param(_INIT_STD * jax.random.normal(rngs.params(), shape, pdtype))
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs)
+
+        self.layers = make_layers(rngs)  # every parameter has a leading [num_layers] axis
+        self.final_norm = RMSNorm(config.hidden_size, config)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(
+                _INIT_STD * jax.random.normal(rngs.params(), shape[::-1], pdtype)
+            )
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        dtype = self.config.dtype
+        if self.lm_head is None:
+            head, spec = self.embed[...], "btd,vd->btv"
+        else:
+            head, spec = self.lm_head[...], "btd,dv->btv"
+        return jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
+        """Causal forward over `tokens` `[batch, seq]` int32 -> logits `[batch, seq, vocab]`.
+
+        `attention_mask` `[batch, seq]` is 1 on real tokens and 0 on (left) padding; key j is
+        visible to query i iff j <= i and mask[j] = 1. Left padding leaves the logits of real
+        tokens unchanged; padded rows are finite but meaningless.
+        """
+        if positions is None:
+            positions = default_positions(tokens, attention_mask)
+        seq = tokens.shape[1]
+        allowed = jnp.tril(jnp.ones((seq, seq), bool))[None]
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask[:, None, :] > 0)
+        allowed = jnp.broadcast_to(allowed, (tokens.shape[0], seq, seq))
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def layer(x, params):
+            block = nnx.merge(graphdef, params)
+            q, k, v = block.qkv(x, positions)
+            return block.finish(x, attend(q, k, v, allowed)), None
+
+        x, _ = jax.lax.scan(layer, self._embed(tokens), layer_params)
+        return self._logits(x)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return init_cache(self.config, batch, max_len, dtype)
+
+    def decode(self, tokens, positions, cache: KVCache, cache_index, cache_mask):
+        """Run `tokens` `[batch, T]` against `cache`; see `rl_jax.models.decode`."""
+        steps = tokens.shape[1]
+        max_len = cache.k.shape[2]
+        slots = cache_index + jnp.arange(steps, dtype=jnp.int32)  # [T]
+        causal = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, max_len]
+        allowed = causal[None] & (cache_mask[:, None, :] > 0)  # [batch, T, max_len]
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def layer(carry, inputs):
+            x, k_all, v_all = carry
+            params, index = inputs
+            block = nnx.merge(graphdef, params)
+            q, k, v = block.qkv(x, positions)
+            # Writing into the full carried cache (not per-layer scan outputs) lets XLA update
+            # the donated buffer in place.
+            start = (index, jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            keys = jax.lax.dynamic_index_in_dim(k_all, index, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(v_all, index, keepdims=False)
+            dtype = self.config.dtype
+            out = attend(q, keys.astype(dtype), values.astype(dtype), allowed)
+            return (block.finish(x, out), k_all, v_all), None
+
+        indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        carry = (self._embed(tokens), cache.k, cache.v)
+        (x, k_all, v_all), _ = jax.lax.scan(layer, carry, (layer_params, indices))
+        return self._logits(x), KVCache(k_all, v_all)
+
+
+def init_model(config: ModelConfig, seed) -> Decoder:
+    """A freshly initialised decoder: N(0, 0.02^2) matrices, zero biases, unit norm scales.
+
+    `seed` is an int (may be traced, e.g. under vmap over seeds) or a typed PRNG key.
+    """
+    is_key = isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+    return Decoder(config, rngs=nnx.Rngs(params=seed if is_key else jax.random.key(seed)))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Zero KV cache `[num_layers, batch, max_len, num_kv_heads, head_dim]` in `dtype`
+    (default: the compute dtype)."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> jax.Array:
+    """Pure `Decoder.__call__` over `(graphdef, params) = nnx.split(model)`: jit/vmap/shard it."""
+    return nnx.merge(graphdef, params)(tokens, positions, attention_mask)
+
+
+def decode(graphdef, params, tokens, positions, cache, cache_index, cache_mask):
+    """Write k/v of `tokens` `[batch, T]` into cache slots `cache_index .. cache_index + T - 1`
+    and return (logits `[batch, T, vocab]` float32, updated cache).
+
+    The query in slot s attends to slots j <= s with `cache_mask[batch, j] = 1`; the caller
+    sets the mask for the new slots too (0 for left padding in a prefill). `positions`
+    `[batch, T]` are the RoPE positions. Prefill: T = prompt length, cache_index = 0; a decode
+    step: T = 1. `cache_index` is an int32 scalar and may be traced. Jit with the cache donated
+    (`donate_argnums`) to update it in place.
+    """
+    model = nnx.merge(graphdef, params)
+    return model.decode(tokens, positions, cache, jnp.asarray(cache_index, jnp.int32), cache_mask)

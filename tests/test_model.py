@@ -1,0 +1,196 @@
+"""Decoder invariants: padding, KV-cache decoding, presets, config validation, in-place cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rl_jax.models import (
+    KVCache,
+    ModelConfig,
+    config_names,
+    decode,
+    default_positions,
+    forward,
+    get_config,
+    init_cache,
+    init_model,
+)
+from rl_jax.models.decoder import rope_inv_freq
+
+BATCH, SEQ, PAD, MAX_LEN = 2, 8, 3, 16
+CONFIG = get_config("tiny", vocab_size=40)
+
+
+@pytest.fixture(scope="module")
+def split_model():
+    return nnx.split(init_model(CONFIG, seed=0))
+
+
+@pytest.fixture(scope="module")
+def jit_forward():
+    return jax.jit(forward, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def jit_decode():
+    return jax.jit(decode, static_argnums=0, donate_argnums=4)
+
+
+def _tokens(seed=1, shape=(BATCH, SEQ)):
+    return jax.random.randint(jax.random.key(seed), shape, 3, CONFIG.vocab_size, jnp.int32)
+
+
+def test_logits_shape_dtype_and_model_call(split_model, jit_forward):
+    graphdef, params = split_model
+    tokens = _tokens()
+    logits = jit_forward(graphdef, params, tokens)
+    assert logits.shape == (BATCH, SEQ, CONFIG.vocab_size) and logits.dtype == jnp.float32
+    model = nnx.merge(graphdef, params)
+    np.testing.assert_allclose(model(tokens), logits, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits(split_model, jit_forward):
+    graphdef, params = split_model
+    tokens = _tokens()
+    changed = tokens.at[:, 5:].set(jnp.flip(tokens[:, 5:], axis=1) % 7 + 3)
+    a = jit_forward(graphdef, params, tokens)
+    b = jit_forward(graphdef, params, changed)
+    np.testing.assert_array_equal(a[:, :5], b[:, :5])
+    assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-3
+
+
+def test_left_padding_gives_same_logits_and_finite_pad_rows(split_model, jit_forward):
+    graphdef, params = split_model
+    tokens = _tokens()
+    unpadded = jit_forward(graphdef, params, tokens)
+    # Row 0 has PAD left-pad tokens (arbitrary ids, masked), row 1 has none.
+    padded = jnp.concatenate([jnp.full((BATCH, PAD), 7, jnp.int32), tokens], axis=1)
+    mask = jnp.ones((BATCH, SEQ + PAD), jnp.int32).at[0, :PAD].set(0)
+    padded = padded.at[1].set(jnp.concatenate([tokens[1], tokens[1, :PAD]]))
+    logits = jit_forward(graphdef, params, padded, None, mask)
+    assert bool(jnp.isfinite(logits).all())
+    np.testing.assert_allclose(logits[0, PAD:], unpadded[0], atol=1e-5)
+    np.testing.assert_allclose(logits[1, :SEQ], unpadded[1], atol=1e-5)
+
+
+def test_fully_masked_row_is_finite(split_model, jit_forward):
+    graphdef, params = split_model
+    mask = jnp.zeros((BATCH, SEQ), jnp.int32)
+    assert bool(jnp.isfinite(jit_forward(graphdef, params, _tokens(), None, mask)).all())
+
+
+def test_default_positions():
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], jnp.int32)
+    expected = [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    np.testing.assert_array_equal(default_positions(mask, mask), expected)
+    np.testing.assert_array_equal(default_positions(mask, None), [[0, 1, 2, 3, 4]] * 2)
+
+
+def test_prefill_then_step_decode_matches_full_forward(split_model, jit_forward, jit_decode):
+    graphdef, params = split_model
+    tokens = jnp.concatenate([jnp.zeros((BATCH, PAD), jnp.int32), _tokens()], axis=1)
+    mask = jnp.ones((BATCH, SEQ + PAD), jnp.int32).at[0, :PAD].set(0)
+    positions = default_positions(tokens, mask)
+    full = jit_forward(graphdef, params, tokens, positions, mask)
+    prompt_len = PAD + 4
+    cache = init_cache(CONFIG, BATCH, MAX_LEN)
+    cache_mask = jnp.zeros((BATCH, MAX_LEN), jnp.int32).at[:, :prompt_len].set(mask[:, :prompt_len])
+    logits, cache = jit_decode(
+        graphdef, params, tokens[:, :prompt_len], positions[:, :prompt_len], cache, 0, cache_mask
+    )
+    steps = [logits]
+    for i in range(prompt_len, SEQ + PAD):
+        cache_mask = cache_mask.at[:, i].set(1)
+        logits, cache = jit_decode(
+            graphdef, params, tokens[:, i : i + 1], positions[:, i : i + 1], cache, i, cache_mask
+        )
+        steps.append(logits)
+    stepped = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(stepped[0, PAD:], full[0, PAD:], atol=1e-5)
+    np.testing.assert_allclose(stepped[1], full[1], atol=1e-5)
+    assert isinstance(cache, KVCache) and cache.k.shape == (2, BATCH, MAX_LEN, 2, 32)
+    # Slots past the written prefix are untouched.
+    assert float(jnp.abs(cache.k[:, :, SEQ + PAD :]).max()) == 0.0
+
+
+def test_rope_inv_freq_default_and_llama3_scaling():
+    config = get_config("tiny", head_dim=8, num_heads=2, num_kv_heads=1, rope_theta=10000.0)
+    np.testing.assert_allclose(rope_inv_freq(config), [1.0, 0.1, 0.01, 0.001], rtol=1e-6)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    scaled = rope_inv_freq(dataclasses.replace(config, rope_scaling=scaling))
+    # wavelengths 2*pi*[1, 10, 100, 1000] against the band [64/4, 64/1] = [16, 64]:
+    # kept, interpolated (smooth = (64/62.83 - 1)/3), divided by 8, divided by 8.
+    smooth = (64 / (2 * np.pi * 10) - 1) / 3
+    expected = [1.0, (1 - smooth) * 0.1 / 8 + smooth * 0.1, 0.01 / 8, 0.001 / 8]
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("tiny", 402_560),
+        ("qwen2.5-0.5b-instruct", 494_032_768),
+        ("qwen2.5-1.5b-instruct", 1_543_714_304),
+        ("llama-3.2-1b", 1_235_814_400),
+    ],
+)
+def test_preset_parameter_counts(name, expected):
+    config = get_config(name)
+    assert config.num_params == expected
+    abstract = nnx.eval_shape(lambda: init_model(config, 0))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract))) == expected
+
+
+def test_config_names_and_validation():
+    assert set(config_names()) == {
+        "tiny", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "llama-3.2-1b"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown"):
+        get_config("gpt2")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        get_config("tiny", num_kv_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+        get_config("tiny", dtype="int8")
+    with pytest.raises(ValueError, match="hidden_size"):
+        get_config("tiny", hidden_size=0)
+    with pytest.raises(ValueError, match="'yarn'"):
+        get_config("tiny", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert isinstance(hash(get_config("llama-3.2-1b")), int)
+    assert isinstance(get_config("tiny"), ModelConfig)
+
+
+def test_vmap_over_seeds_and_bfloat16_compute():
+    seeds = jnp.arange(2)
+    graphdef = nnx.split(init_model(CONFIG, 0))[0]
+    params = jax.vmap(lambda s: nnx.split(init_model(CONFIG, s))[1])(seeds)
+    tokens = _tokens()
+    logits = jax.vmap(forward, in_axes=(None, 0, None))(graphdef, params, tokens)
+    np.testing.assert_allclose(logits[0], init_model(CONFIG, 0)(tokens), atol=1e-5)
+    assert float(jnp.abs(logits[1] - logits[0]).max()) > 1e-3
+    bf16 = init_model(dataclasses.replace(CONFIG, dtype="bfloat16"), 0)
+    assert nnx.state(bf16)["embed"][...].dtype == jnp.float32
+    assert bf16.init_cache(BATCH, MAX_LEN).k.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf16(tokens), logits[0], atol=0.05)
+
+
+def test_donated_decode_step_updates_cache_in_place():
+    """memory_analysis: the donated cache is aliased by the output and never copied whole."""
+    config = get_config("tiny", vocab_size=40, num_layers=4)
+    graphdef, params = nnx.split(init_model(config, 0))
+    batch, max_len = 4, 1024
+    cache = init_cache(config, batch, max_len)
+    cache_bytes = cache.k.nbytes + cache.v.nbytes
+    token = jnp.ones((batch, 1), jnp.int32)
+    args = (graphdef, params, token, token, cache, jnp.int32(5), jnp.ones((batch, max_len)))
+    donated = jax.jit(decode, static_argnums=0, donate_argnums=4).lower(*args).compile()
+    copied = jax.jit(decode, static_argnums=0).lower(*args).compile()
+    donated_mem, copied_mem = donated.memory_analysis(), copied.memory_analysis()
+    assert donated_mem.alias_size_in_bytes == cache_bytes
+    assert copied_mem.alias_size_in_bytes == 0
+    # Scratch holds one layer's keys/values (cache / num_layers) and activations, not a cache copy.
+    assert donated_mem.temp_size_in_bytes < cache_bytes / 2
