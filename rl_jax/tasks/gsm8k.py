@@ -1,4 +1,4 @@
-"""GSM8K: the paper's prompt and reward (arXiv 2509.24203 §5, GSM8K experiments).
+"""GSM8K: the prompt and reward of the paper's GSM8K experiments (arXiv 2509.24203).
 
 The prompt is the DeepSeek-R1 system prompt: reason inside ``<think>...</think>``, then give the
 final answer inside ``<answer>...</answer>``. The reward of a completion ``y`` for a problem whose
@@ -240,7 +240,12 @@ class GSM8KConfig:
 
 
 def _load_examples(config: GSM8KConfig, split: str) -> list[GSM8KExample]:
-    from rl_jax.tasks import gsm8k_builder  # needs the optional tensorflow-datasets extra
+    try:
+        from rl_jax.tasks import gsm8k_builder
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            "GSM8KTask reads GSM8K through tensorflow-datasets: pip install 'rl_jax[data]'"
+        ) from error
 
     if config.data_dir is None:
         return gsm8k_builder.load_official_split(split, config.tfds_data_dir)
@@ -296,7 +301,8 @@ class GSM8KTask:
         return list(self._train)
 
     def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]:
-        """n distinct training examples drawn uniformly (an int seed or a numpy Generator)."""
+        """n distinct training examples drawn uniformly (an int seed or a numpy Generator);
+        batches are drawn independently, not as epochs."""
         if not 1 <= n <= len(self._train):
             raise ValueError(f"n must lie in [1, {len(self._train)}], got {n}")
         if not isinstance(rng, np.random.Generator):
