@@ -1,0 +1,440 @@
+"""Jitted KV-cache generation that records behaviour log-probs (DESIGN.md §1).
+
+The off-policy analysis of arXiv 2509.24203 (§2-3) needs, for every generated token y_t, the
+log-probability of y_t under the distribution it was actually drawn from. With logits z_t
+([vocab]), temperature T, and the truncation set S_t kept by top-k / top-p (nucleus):
+
+    full_logp_t      = log softmax(z_t / T)[y_t]                      (untruncated)
+    behaviour_logp_t = log softmax(z_t / T restricted to S_t)[y_t]    (what was sampled from)
+
+The two are the same array, bit for bit, when top-k and top-p are off. `full_logp` is what the
+learner recomputes (the paper's code scores the full distribution at the sampling temperature);
+`behaviour_logp` is exact importance-sampling data. Greedy decoding samples from a point mass, so
+its `behaviour_logp` is 0 (as is top-k = 1); its `full_logp` is still log softmax(z / T).
+
+Shapes: prompts are left-padded to a bucket width `P` (a few static sizes) and each prompt is
+repeated `group_size` times (row r answers prompt r // group_size, so `x.reshape(num_groups,
+group_size)` groups the responses to one prompt); responses are `N` columns, the bucket of
+`max_new_tokens`. One compiled program per (batch, P, N, top-k off or its power-of-two bucket,
+top-p on or off, bucketed count and length of stop sequences): temperature, top_k, top_p, greedy,
+eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles. `compile_count()` counts the compilations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rl_jax import models
+
+_LOG = logging.getLogger(__name__)
+_DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_compile_counter = [0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How tokens are drawn and when a response ends.
+
+    temperature: z / T before everything else (> 0). top_k: keep the k largest logits (0 = off).
+    top_p: then keep the smallest prefix of the (renormalised) sorted distribution with mass >=
+    top_p (1.0 = off). greedy: argmax of z (temperature and truncation do not change the token).
+    max_new_tokens: response cap. eos_id: ends a response (kept, masked 1). pad_id: fills the
+    rest. stop_sequences: token-id tuples that also end a response (kept, masked 1).
+    prompt_buckets / generation_buckets: the static widths prompts and responses are padded to;
+    a size above the largest bucket rounds up to a multiple of it.
+    """
+
+    eos_id: int
+    pad_id: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 64
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    prompt_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+    generation_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)
+        fix("stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
+        fix("prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        fix("generation_buckets", tuple(int(b) for b in self.generation_buckets))
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name in ("eos_id", "pad_id"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(
+                    f"{name} must be a token id (int >= 0), got {getattr(self, name)!r}"
+                )
+        if any(len(s) == 0 or min(s) < 0 for s in self.stop_sequences):
+            raise ValueError(
+                f"stop_sequences must be non-empty tuples of token ids, got {self.stop_sequences}"
+            )
+        for name in ("prompt_buckets", "generation_buckets"):
+            b = getattr(self, name)
+            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+                raise ValueError(f"{name} must be strictly increasing positive ints, got {b}")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k or top-p changes the distribution (behaviour_logp != full_logp)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """What the sampler holds: `params` (of version `policy_version`, int32 scalar) and `key`."""
+
+    params: Any
+    policy_version: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def create(cls, params, key, policy_version: int = 0) -> SamplerState:
+        return cls(params=params, policy_version=jnp.asarray(policy_version, jnp.int32), key=key)
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of responses, rows grouped by prompt (row r answers prompt r // group_size).
+
+    prompt_tokens, prompt_mask: [B, P] int32, left-padded (mask 1 on real tokens).
+    response_tokens: [B, N] int32, pad_id after the end. response_mask: [B, N] float32, 1 up to
+    and including EOS / the last token of a stop sequence. behaviour_logp, full_logp: [B, N]
+    float32 (module docstring), 0 where the mask is 0. response_length: [B] int32.
+    truncated: [B] bool, hit max_new_tokens without EOS or a stop sequence.
+    policy_version: [B] int32, the version of the params that sampled the row.
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    response_tokens: jax.Array
+    response_mask: jax.Array
+    behaviour_logp: jax.Array
+    full_logp: jax.Array
+    response_length: jax.Array
+    truncated: jax.Array
+    policy_version: jax.Array
+
+
+def bucket_size(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n; above the largest bucket, n rounded up to a multiple of it."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]
+
+
+def _pow2_bucket(n: int, smallest: int) -> int:
+    """The smallest power of two >= max(n, smallest)."""
+    return max(smallest, 1 << max(n - 1, 0).bit_length())
+
+
+def compile_count() -> int:
+    """How many times the generation program has been traced (= compiled) in this process."""
+    return _compile_counter[0]
+
+
+def _truncate(scaled: jax.Array, top_k_width: int, top_k, top_p) -> jax.Array:
+    """`scaled` [..., vocab] with tokens outside the top-k / top-p set at -inf.
+
+    top_k_width (static, 0 = no top-k) >= top_k (may be traced); top_p None = off.
+    """
+    vocab = scaled.shape[-1]
+    if top_k_width == 0 and top_p is None:
+        return scaled
+    values, ids = jax.lax.top_k(scaled, min(top_k_width or vocab, vocab))
+    if top_k_width:
+        rank = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+        values = jnp.where(rank < top_k, values, -jnp.inf)
+    if top_p is not None:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    return jnp.put_along_axis(jnp.full_like(scaled, -jnp.inf), ids, values, axis=-1, inplace=False)
+
+
+def truncated_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """z / T with every token outside the top-k / top-p set at -inf: [..., vocab] float32.
+
+    Top-k keeps exactly min(k, vocab) tokens (ties broken towards the lower id); top-p then keeps
+    the sorted prefix j with mass_before_j < top_p under the renormalised top-k distribution, so
+    the most likely token is always kept.
+    """
+    scaled = logits.astype(jnp.float32) / config.temperature
+    top_p = config.top_p if config.top_p < 1.0 else None
+    return _truncate(scaled, config.top_k, config.top_k, top_p)
+
+
+def _gather(logp: jax.Array, tokens: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def sampling_logprobs(logits: jax.Array, tokens: jax.Array, config: SamplingConfig):
+    """(behaviour_logp, full_logp) of `tokens` [...] under `logits` [..., vocab] (module doc).
+
+    The same transform the sampler records with, exposed so tests and learners can recompute.
+    """
+    scaled = logits.astype(jnp.float32) / config.temperature
+    full_logp = _gather(jax.nn.log_softmax(scaled, axis=-1), tokens)
+    if config.greedy:
+        behaviour_logp = jnp.where(tokens == jnp.argmax(scaled, axis=-1), 0.0, -jnp.inf)
+    elif config.truncates:
+        behaviour_logp = _gather(jax.nn.log_softmax(truncated_logits(logits, config), -1), tokens)
+    else:
+        behaviour_logp = full_logp
+    return behaviour_logp, full_logp
+
+
+def _draw(logits, keys, top_k_width: int, top_k, temperature, top_p, greedy):
+    """sample_tokens with everything but top_k_width (static, >= top_k) possibly traced."""
+    scaled = logits.astype(jnp.float32) / temperature
+    log_probs = jax.nn.log_softmax(scaled, axis=-1)
+    truncated = _truncate(scaled, top_k_width, top_k, top_p)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
+    sampled = jnp.argmax(truncated + noise, axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled).astype(jnp.int32)
+    full_logp = _gather(log_probs, tokens)
+    if truncated is scaled:
+        behaviour_logp = full_logp
+    else:
+        behaviour_logp = _gather(jax.nn.log_softmax(truncated, axis=-1), tokens)
+    return tokens, jnp.where(greedy, 0.0, behaviour_logp), full_logp
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, config: SamplingConfig):
+    """Draws one token per row: (tokens [B] int32, behaviour_logp [B], full_logp [B]).
+
+    logits [B, vocab]; keys [B] (one PRNG key per row, so a row's draw does not depend on the
+    batch it is in or how the batch is sharded). Gumbel-max: argmax(z' + g), g ~ Gumbel(0, 1)
+    iid, is a draw from softmax(z') for the truncated logits z'.
+    """
+    top_p = config.top_p if config.top_p < 1.0 else None
+    k = config.top_k
+    return _draw(logits, keys, k, k, config.temperature, top_p, config.greedy)
+
+
+@flax.struct.dataclass
+class _Knobs:
+    """The traced part of a SamplingConfig: changing any of these never recompiles.
+
+    stop_ids: [S, M] right-aligned stop sequences, -1 = any token (left filler), -2 = no token
+    (unused rows). S and M are padded to buckets (4, 8, ...) so they rarely change the shape.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    greedy: jax.Array
+    eos_id: jax.Array
+    pad_id: jax.Array
+    max_new_tokens: jax.Array
+    stop_ids: jax.Array
+
+    @classmethod
+    def of(cls, config: SamplingConfig) -> _Knobs:
+        stops = config.stop_sequences
+        width = _pow2_bucket(max((len(s) for s in stops), default=1), 4)
+        stop_ids = np.full((_pow2_bucket(len(stops), 4), width), -2, np.int32)
+        for row, stop in zip(stop_ids, stops, strict=False):
+            row[:] = -1
+            row[width - len(stop) :] = stop
+        scalars = dict(temperature=np.float32(config.temperature), top_p=np.float32(config.top_p),
+                       top_k=np.int32(config.top_k),
+                       greedy=np.bool_(config.greedy), eos_id=np.int32(config.eos_id),
+                       pad_id=np.int32(config.pad_id),
+                       max_new_tokens=np.int32(config.max_new_tokens))  # fmt: skip
+        return cls(stop_ids=stop_ids, **scalars)
+
+
+def _row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One independent key per global row index: [B] keys, the same however rows are sharded."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch, dtype=jnp.uint32))
+
+
+def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+
+
+def _ends_response(recent: jax.Array, token: jax.Array, knobs: _Knobs) -> jax.Array:
+    """Whether `token` [B] is EOS or completes a stop sequence; `recent` [B, M] ends with it."""
+    stops = knobs.stop_ids[None]  # [1, num_stops, M]
+    matched = jnp.all((recent[:, None, :] == stops) | (stops == -1), axis=2)
+    return (token == knobs.eos_id) | jnp.any(matched, axis=1)
+
+
+def _batch_constraint(mesh: Mesh | None):
+    """x -> x with axis `axis` split over every axis of `mesh` (identity without a mesh)."""
+
+    def constrain(x, axis=0):
+        if mesh is None:
+            return x
+        spec = PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return constrain
+
+
+def _generate_program(
+    graphdef, top_k_width, nucleus, width, mesh, params, policy_version, key, prompt_tokens,
+    prompt_mask, knobs,
+):  # fmt: skip
+    """The compiled program: prefill, then a while_loop of one-token decode steps.
+
+    Static: the model, the top-k width (a power of two >= top_k, 0 = off), whether top-p is on
+    (`nucleus`), the response width N and the mesh; everything else of the SamplingConfig arrives traced in `knobs`. The KV cache is
+    allocated inside the program and lives in the loop carry, so each step updates it in place
+    and it never crosses the jit boundary (nothing to copy, nothing to donate).
+    """
+    _compile_counter[0] += 1
+    batch, prompt_width = prompt_tokens.shape
+    _LOG.info("compiling generate: batch %d, prompt %d, response %d", batch, prompt_width, width)
+    constrain = _batch_constraint(mesh)
+    next_key, sample_key = jax.random.split(key)
+    row_keys = constrain(_row_keys(sample_key, batch))
+    cache = nnx.merge(graphdef, params).init_cache(batch, prompt_width + width)
+    cache = models.KVCache(constrain(cache.k, 1), constrain(cache.v, 1))
+    # Constant over the loop: slots not yet written lie after the query's own slot, and causality
+    # hides them; only left padding needs masking.
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, width), prompt_mask.dtype)], 1)
+    prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    logits, cache = models.decode(
+        graphdef, params, prompt_tokens, positions, cache, jnp.int32(0), cache_mask
+    )
+    top_p = knobs.top_p if nucleus else None
+
+    def emit(carry, logits):
+        """Sample column t for every live row; finished rows get pad_id, mask 0, logp 0."""
+        t = carry["t"]
+        keys = _step_keys(row_keys, t)
+        sampled, behaviour_logp, full_logp = _draw(
+            logits, keys, top_k_width, knobs.top_k, knobs.temperature, top_p, knobs.greedy
+        )
+        live = ~carry["done"]
+        token = jnp.where(live, sampled, knobs.pad_id)
+        recent = jnp.concatenate([carry["recent"][:, 1:], token[:, None]], axis=1)
+        columns = {
+            "tokens": token,
+            "mask": live.astype(jnp.float32),
+            "behaviour_logp": jnp.where(live, behaviour_logp, 0.0),
+            "full_logp": jnp.where(live, full_logp, 0.0),
+        }
+        out = {k: carry[k].at[:, t].set(v) for k, v in columns.items()}
+        done = carry["done"] | (live & _ends_response(recent, token, knobs))
+        return {**carry, **out, "t": t + 1, "token": token, "recent": recent, "done": done}
+
+    def step(carry):
+        t, token = carry["t"], carry["token"]
+        logits, cache = models.decode(
+            graphdef, params, token[:, None], (prompt_length + t - 1)[:, None], carry["cache"],
+            prompt_width + t - 1, cache_mask,
+        )  # fmt: skip
+        return emit({**carry, "cache": cache}, logits[:, 0])
+
+    def more(carry):
+        return (carry["t"] < knobs.max_new_tokens) & ~jnp.all(carry["done"])
+
+    rows = lambda fill, dtype: constrain(jnp.full((batch, width), fill, dtype))
+    carry = {
+        "t": jnp.int32(0),
+        "token": constrain(jnp.zeros((batch,), jnp.int32)),
+        "cache": cache,
+        "done": constrain(jnp.zeros((batch,), bool)),
+        "recent": constrain(jnp.full((batch, knobs.stop_ids.shape[1]), -1, jnp.int32)),
+        "tokens": rows(knobs.pad_id, jnp.int32),
+        "mask": rows(0, jnp.float32),
+        "behaviour_logp": rows(0, jnp.float32),
+        "full_logp": rows(0, jnp.float32),
+    }
+    carry = jax.lax.while_loop(more, step, emit(carry, logits[:, -1]))
+    rollout = Rollout(
+        prompt_tokens=prompt_tokens,
+        prompt_mask=prompt_mask,
+        response_tokens=carry["tokens"],
+        response_mask=carry["mask"],
+        behaviour_logp=carry["behaviour_logp"],
+        full_logp=carry["full_logp"],
+        response_length=jnp.sum(carry["mask"], axis=1).astype(jnp.int32),
+        truncated=~carry["done"],
+        policy_version=jnp.broadcast_to(policy_version, (batch,)).astype(jnp.int32),
+    )
+    return rollout, next_key
+
+
+_generate_jit = jax.jit(_generate_program, static_argnums=(0, 1, 2, 3, 4))
+
+
+def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) -> None:
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(
+            f"prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must be [B, P]"
+        )
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if (
+        not np.isin(mask, (0, 1)).all()
+        or (np.diff(mask, axis=1) < 0).any()
+        or not mask[:, -1].all()
+    ):
+        raise ValueError("prompt_mask must be 0/1, left-padded, with at least one token per row")
+    devices = 1 if mesh is None else mesh.devices.size
+    if (tokens.shape[0] * group_size) % devices:
+        raise ValueError(
+            f"batch {tokens.shape[0]} x group_size {group_size} must divide over {devices} devices"
+        )
+
+
+def generate(
+    graphdef,
+    state: SamplerState,
+    prompt_tokens,
+    prompt_mask,
+    config: SamplingConfig,
+    group_size: int = 1,
+    *,
+    mesh: Mesh | None = None,
+) -> tuple[Rollout, SamplerState]:
+    """Samples `group_size` responses to each prompt: (Rollout, state with the next key).
+
+    prompt_tokens, prompt_mask: [num_prompts, P] int, left-padded (tokenizer.encode_batch).
+    The Rollout has B = num_prompts * group_size rows (row r answers prompt r // group_size),
+    prompt width bucket(P) and response width bucket(max_new_tokens). Row r draws from keys
+    fold_in(fold_in(k, r), t), k a fresh split of state.key, so results do not depend on
+    `mesh`: with one, the batch is split over all its axes, params keep their own placement.
+    """
+    tokens = np.asarray(prompt_tokens).astype(np.int32)
+    mask = np.asarray(prompt_mask).astype(np.int32)
+    _check_prompts(tokens, mask, group_size, mesh)
+    pad = bucket_size(tokens.shape[1], config.prompt_buckets) - tokens.shape[1]
+    tokens = np.pad(
+        np.repeat(tokens, group_size, 0), ((0, 0), (pad, 0)), constant_values=config.pad_id
+    )
+    mask = np.pad(np.repeat(mask, group_size, 0), ((0, 0), (pad, 0)))
+    if mesh is not None:
+        sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        tokens, mask = jax.device_put((tokens, mask), sharding)
+    width = bucket_size(config.max_new_tokens, config.generation_buckets)
+    top_k_width = config.top_k and _pow2_bucket(config.top_k, 8)
+    rollout, key = _generate_jit(
+        graphdef, top_k_width, config.top_p < 1.0, width, mesh, state.params,
+        state.policy_version, state.key, tokens, mask, _Knobs.of(config),
+    )  # fmt: skip
+    return rollout, state.replace(key=key)
