@@ -1,0 +1,219 @@
+"""Checkpoints of the whole training state, one orbax directory per learner step.
+
+`<directory>/<step>/state` holds an arbitrary pytree of arrays (learner state, sampler state
+with its possibly stale params, pending snapshots, PRNG keys: raw uint32 keys and typed
+`jax.random.key` arrays alike) and `<directory>/<step>/meta` a JSON object (data position,
+config, versions). Restoring into a target pytree gives arrays bit-identical to the saved ones,
+with the target's structure, dtypes and shardings, so a resumed run continues exactly where the
+saved one stopped (DESIGN.md §1: the two state pytrees carry everything).
+
+Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
+complete, and `save` returns only then. A kill mid-save leaves the temporary directory, which is
+ignored (with a warning) and removed. A finished checkpoint that is later damaged fails to load;
+`restore_latest` then warns and falls back to the next older one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+STATE_ITEM = "state"
+META_ITEM = "meta"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or set aside."""
+
+
+def _abstract_leaf(leaf):
+    """The restore target of one leaf: arrays keep shape, dtype and sharding; scalars -> numpy."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, (jax.ShapeDtypeStruct, np.ndarray)):
+        return leaf
+    if isinstance(leaf, (np.generic, bool, int, float)):
+        return np.asarray(leaf)
+    raise TypeError(f"cannot restore a leaf of type {type(leaf).__name__}; use arrays or scalars")
+
+
+def _like_target(target_leaf, restored_leaf):
+    """Python and numpy scalars come back as what the target held; arrays as restored."""
+    if isinstance(target_leaf, (bool, int, float)):
+        return type(target_leaf)(restored_leaf.item())
+    if isinstance(target_leaf, np.generic):
+        return restored_leaf[()]
+    return restored_leaf
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    # tensorstore errors carry a multi-kilobyte spec after the first line.
+    text = str(error).strip().split("\n", 1)[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _interrupted_saves(directory: pathlib.Path) -> list[str]:
+    """Names of temporary directories that interrupted saves left behind."""
+    if not directory.is_dir():
+        return []
+    return sorted(entry.name for entry in directory.iterdir() if _TMP_MARKER in entry.name)
+
+
+class Checkpointer:
+    """Saves every `save_every` steps and at the end; keeps the newest `keep` checkpoints.
+
+    Args:
+      directory: where step directories live; created if missing.
+      save_every: checkpoint interval in learner steps (>= 1).
+      keep: number of most recent checkpoints kept on disk (>= 1).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = pathlib.Path(directory).absolute()
+        self.save_every = save_every
+        self.keep = keep
+        # Listed before the manager starts, which removes them in the background.
+        self._interrupted = _interrupted_saves(self.directory)
+        self._unusable: set[int] = set()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
+        )
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the finished checkpoints on disk, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int, total_steps: int) -> bool:
+        """True every `save_every` steps and at the last step."""
+        return step % self.save_every == 0 or step == total_steps
+
+    def save(self, step: int, state: PyTree, meta: Mapping[str, Any]) -> None:
+        """Write `state` (a pytree of arrays/scalars) and `meta` (JSON-able) as step `step`.
+
+        Blocks until the checkpoint is complete on disk. Checkpoints at steps >= `step` that
+        `restore_latest` found unusable are renamed to `<step>.unusable` first; any other
+        checkpoint at a step >= `step` raises FileExistsError (it belongs to a later run).
+        """
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"meta must be a mapping, got {type(meta).__name__}")
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"meta must be JSON-serialisable: {error}") from error
+        self._set_aside_unusable_from(step)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    META_ITEM: ocp.args.JsonSave(dict(meta)),
+                }
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def _set_aside_unusable_from(self, step: int) -> None:
+        later = [s for s in self.steps if s >= step]
+        usable = [s for s in later if s not in self._unusable]
+        if usable:
+            raise FileExistsError(
+                f"{self.directory} already holds checkpoints at steps {usable} >= {step}; "
+                "restore the latest one or use a new directory"
+            )
+        if not later:
+            return
+        if jax.process_index() == 0:
+            for unusable_step in later:
+                source = self.directory / str(unusable_step)
+                target = source.with_name(f"{unusable_step}.unusable")
+                suffix = 1
+                while target.exists():
+                    target = source.with_name(f"{unusable_step}.unusable-{suffix}")
+                    suffix += 1
+                source.rename(target)
+                warnings.warn(
+                    f"set aside the unusable checkpoint of step {unusable_step} as {target.name}",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"rl_jax checkpoint set aside {step}")
+        self._unusable.difference_update(later)
+        self._manager.reload()
+
+    def restore_latest(self, target: PyTree) -> tuple[int, PyTree, dict] | None:
+        """(step, state, meta) of the newest checkpoint that loads, or None if there is none.
+
+        `target` is a pytree of the saved structure: concrete arrays or jax.ShapeDtypeStruct
+        (dtype and sharding of the result follow it; scalars come back as their target's type).
+        Unreadable checkpoints are skipped, newest first, with a CheckpointWarning naming the
+        step and the error.
+        """
+        for name in self._interrupted:
+            warnings.warn(
+                f"ignoring {self.directory / name}: a save that was interrupted before it finished",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        self._interrupted = []
+        abstract = jax.tree.map(_abstract_leaf, target)
+        args = ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}
+        )
+        candidates = sorted(self.steps, reverse=True)
+        for step in candidates:
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as error:  # orbax and tensorstore raise many types, even Exception
+                self._unusable.add(step)
+                warnings.warn(
+                    f"skipping the checkpoint of step {step} in {self.directory}: "
+                    f"{type(error).__name__}: {_first_line(error)}",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            state = jax.tree.map(_like_target, target, restored[STATE_ITEM])
+            return step, state, restored[META_ITEM]
+        if candidates:
+            warnings.warn(
+                f"none of the checkpoints {candidates[::-1]} in {self.directory} could be restored;"
+                " if all failed alike, `target` probably does not match the saved state",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        return None
+
+    def close(self) -> None:
+        """Wait for pending work and release the manager's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
