@@ -1,0 +1,215 @@
+"""`TrainConfig`: everything one training run depends on, validated before anything compiles.
+
+A run is described by one flat, frozen dataclass. Presets are named configs (`PRESETS`); a JSON
+file gives the same fields; `key=value` overrides (values parsed as JSON, dotted keys for the
+dict fields, e.g. `algorithm_overrides.eps_high=0.28`) are applied last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import typing
+from collections.abc import Mapping, Sequence
+
+from rl_jax import algorithms
+from rl_jax.learner import SCHEDULES, OptimizerConfig
+from rl_jax.sync import SyncSchedule
+
+TASKS = ("arithmetic", "gsm8k")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One RL run (DESIGN.md §1). Field docs are the CLI help (`python -m rl_jax.train --help`).
+
+    task: "arithmetic" (the embedded default) or "gsm8k".
+    task_options: keyword arguments of the task (e.g. {"max_terms": 5}, {"data_dir": ...}).
+    model: "warm-start" (the embedded default's cached SFT policy), a model preset name
+      (`rl_jax.models.config_names()`, random init), or a Hugging Face model directory.
+    algorithm: a preset of `rl_jax.algorithms.names()`; algorithm_overrides: its fields.
+    prompts_per_step, group_size: the batch is prompts_per_step * group_size responses.
+    max_response_len: new-token cap; temperature, top_k (0 = off), top_p (1 = off): sampling.
+    learning_rate ... grad_clip: AdamW (see `rl_jax.learner.OptimizerConfig`).
+    micro_batches: gradient-accumulation pieces per update.
+    steps: learner updates; sync_interval, sync_offset: DESIGN.md §4.
+    eval_every, eval_prompts: held-out evaluation of the learner (0 disables).
+    checkpoint_every, keep_checkpoints: orbax checkpoints (resumed automatically).
+    ref_metrics: log KL to the initial policy (one extra forward pass per step).
+    fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
+    out_dir: where metrics, TensorBoard events, checkpoints and config.json go.
+    """
+
+    task: str = "arithmetic"
+    task_options: Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
+    model: str = "warm-start"
+    algorithm: str = "grpo"
+    algorithm_overrides: Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_response_len: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batches: int = 1
+    steps: int = 400
+    sync_interval: int = 1
+    sync_offset: int = 0
+    seed: int = 0
+    eval_every: int = 20
+    eval_prompts: int = 128
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    ref_metrics: bool = True
+    fsdp: int = 1
+    out_dir: str = "runs/default"
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        self.algorithm_preset()  # unknown names and bad overrides raise ValueError here
+        positive = ("prompts_per_step", "max_response_len", "steps", "micro_batches", "fsdp")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}"
+            )
+        if (self.prompts_per_step * self.group_size) % self.micro_batches:
+            raise ValueError(
+                f"micro_batches={self.micro_batches} must divide the batch of "
+                f"prompts_per_step * group_size = {self.prompts_per_step * self.group_size}"
+            )
+        for name in ("eval_every", "eval_prompts", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        self.sync_schedule()
+        self.optimizer()
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"out_dir {self.out_dir!r} exists and is not a directory")
+
+    def algorithm_preset(self) -> algorithms.Algorithm:
+        return algorithms.get(self.algorithm, **dict(self.algorithm_overrides))
+
+    def sync_schedule(self) -> SyncSchedule:
+        return SyncSchedule(self.sync_interval, self.sync_offset)
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            learning_rate=self.learning_rate,
+            schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            decay_steps=max(0, self.steps - self.warmup_steps)
+            if self.lr_schedule != "constant"
+            else 0,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Named starting points; experiments override fields of these.
+PRESETS: dict[str, dict] = {
+    # The embedded default: the warm-started tiny model on the arithmetic task (DESIGN.md, issue 6).
+    "embedded": {},
+    # The paper's GSM8K setup (arXiv 2509.24203 §5), for an accelerator: Qwen2.5-1.5B-Instruct
+    # from a local HF directory, 96 prompts x 8 responses, lr 1e-6.
+    "gsm8k-qwen2.5-1.5b": {
+        "task": "gsm8k",
+        "task_options": {
+            "data_dir": "data/gsm8k",
+            "tokenizer": "checkpoints/Qwen2.5-1.5B-Instruct",
+        },
+        "model": "checkpoints/Qwen2.5-1.5B-Instruct",
+        "prompts_per_step": 96,
+        "group_size": 8,
+        "max_response_len": 1024,
+        "learning_rate": 1e-6,
+        "micro_batches": 8,
+        "steps": 400,
+        "eval_prompts": 0,
+    },
+}
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """["a=1", "b.c=x"] -> {"a": 1, "b": {"c": "x"}}; values parsed as JSON, else kept as text."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def build(base: str | None = None, overrides: Mapping | None = None, **fields) -> TrainConfig:
+    """A config from a preset name or JSON file, then `overrides`, then keyword fields."""
+    merged: dict = {}
+    if base:
+        if base in PRESETS:
+            merged = json.loads(json.dumps(PRESETS[base]))
+        elif pathlib.Path(base).is_file():
+            merged = json.loads(pathlib.Path(base).read_text())
+        else:
+            raise ValueError(
+                f"config {base!r} is neither a preset {sorted(PRESETS)} nor a JSON file"
+            )
+    for extra in (overrides or {}), fields:
+        for key, value in extra.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; allowed: {sorted(names)}")
+    return TrainConfig(**merged)
+
+
+def _check_types(config: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, field.name, float(value))
+            continue
+        expected = typing.get_origin(hint) or hint
+        if expected is Mapping:
+            expected = Mapping
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise ValueError(
+                f"{field.name} must be of type {getattr(expected, '__name__', expected)}, "
+                f"got {value!r}"
+            )
+    if config.lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}")

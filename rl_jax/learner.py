@@ -1,0 +1,242 @@
+"""The learner: `LearnerState` and one jitted policy-gradient update (DESIGN.md §1, §3, §5).
+
+One update consumes a batch of rollouts with their rewards:
+
+    A      = group_advantages(rewards.reshape(num_groups, group_size))       (advantages.py)
+    logp   = log softmax(f_theta(prompt + response) / temperature)[response]  (current params)
+    loss   = policy_loss(logp, behaviour_logp, A, response_mask)             (losses.py)
+    theta <- optax update with grad(loss)
+
+The loss is a true token-mean over the whole batch: the batch is split into `micro_batches`
+pieces whose losses share one global denominator, so their gradients add up to the gradient of
+the full batch exactly (up to float summation order), on one device or many. Before the update
+the same forward pass gives the metrics of DESIGN.md §5: entropy, KL to the frozen reference
+policy (k2 as the paper's code logs it, k3, and the exact full-vocabulary KL) and KL to the
+behaviour policy; each is a sum over tokens divided by the batch's token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rl_jax import advantages as advantages_lib
+from rl_jax import losses
+from rl_jax.algorithms import Algorithm
+from rl_jax.models import forward
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with global-norm gradient clipping and a warmup + decay learning-rate schedule."""
+
+    learning_rate: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0  # steps of the cosine/linear decay after warmup (0: constant)
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("warmup_steps", "decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+
+    def learning_rate_schedule(self) -> optax.Schedule:
+        peak, warmup = self.learning_rate, self.warmup_steps
+        if self.schedule == "constant" or self.decay_steps == 0:
+            decay = optax.constant_schedule(peak)
+        elif self.schedule == "cosine":
+            decay = optax.cosine_decay_schedule(peak, self.decay_steps)
+        else:
+            decay = optax.linear_schedule(peak, 0.0, self.decay_steps)
+        if warmup == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+    def make(self) -> optax.GradientTransformation:
+        adamw = optax.adamw(
+            self.learning_rate_schedule(), self.b1, self.b2, self.eps,
+            weight_decay=self.weight_decay,
+        )  # fmt: skip
+        if self.grad_clip == 0:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip), adamw)
+
+
+@flax.struct.dataclass
+class LearnerState:
+    """params, optimizer state, and `step`: updates taken so far, i.e. the policy version held."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    """What one update consumes; rows are grouped as `[num_groups * group_size]`.
+
+    prompt_tokens, prompt_mask: `[batch, prompt_len]`, left padded.
+    response_tokens, response_mask: `[batch, response_len]`, mask 1 up to and including EOS.
+    behaviour_logp: `[batch, response_len]` the sampler's log-probs (old_logp of DESIGN.md §3).
+    rewards: `[batch]` sequence rewards.
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    response_tokens: jax.Array
+    response_mask: jax.Array
+    behaviour_logp: jax.Array
+    rewards: jax.Array
+
+
+def response_logits(graphdef, params, batch: TrainBatch) -> jax.Array:
+    """`[batch, response_len, vocab]` logits that predict each response token."""
+    prompt_len = batch.prompt_tokens.shape[1]
+    tokens = jnp.concatenate([batch.prompt_tokens, batch.response_tokens], axis=1)
+    # Tokens after EOS are padding but come after every real token, so causality hides them.
+    mask = jnp.concatenate([batch.prompt_mask, jnp.ones_like(batch.response_tokens)], axis=1)
+    logits = forward(graphdef, params, tokens, attention_mask=mask)
+    return logits[:, prompt_len - 1 : -1]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _jitted_update(learner, state, batch, ref_params, key):
+    return learner._update(state, batch, ref_params, key)
+
+
+def _split_micro_batches(tree, num: int):
+    """`[batch, ...]` -> `[num, batch // num, ...]`, rows m, m + num, ... in micro-batch m.
+
+    Strided rather than contiguous so that a batch sharded over devices stays evenly sharded
+    inside every micro-batch.
+    """
+    return jax.tree.map(lambda x: x.reshape(-1, num, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """Static settings of the update; `update` is jitted once per batch shape.
+
+    Attributes:
+      graphdef: the model's `nnx.GraphDef` (see `rl_jax.models`).
+      algorithm: the preset with its advantage and loss settings (`rl_jax.algorithms.get`).
+      optimizer: `OptimizerConfig`.
+      group_size: responses per prompt, G.
+      temperature: the sampling temperature; logp and entropy are of softmax(logits / T).
+      micro_batches: gradient-accumulation pieces per update; must divide the batch.
+      ref_metrics: compute the KL-to-reference metrics (one extra forward pass per update).
+    """
+
+    graphdef: Any
+    algorithm: Algorithm
+    optimizer: OptimizerConfig = OptimizerConfig()
+    group_size: int = 8
+    temperature: float = 1.0
+    micro_batches: int = 1
+    ref_metrics: bool = True
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 for group-relative advantages, got {self.group_size}"
+            )
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        return self.optimizer.make()
+
+    def init(self, params) -> LearnerState:
+        return LearnerState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
+
+    def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+        """One jitted update -> (state, metrics); `state` is donated.
+
+        Compiled once per (learner settings, batch shape): equal `Learner`s, e.g. the runs of
+        several seeds, share the compiled program.
+        """
+        return _jitted_update(self, state, batch, ref_params, key)
+
+    def _update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+        batch_size = batch.rewards.shape[0]
+        if batch_size % self.group_size:
+            raise ValueError(f"batch of {batch_size} rows is not whole groups of {self.group_size}")
+        if batch_size % self.micro_batches:
+            raise ValueError(
+                f"micro_batches={self.micro_batches} must divide the batch {batch_size}"
+            )
+        rewards = batch.rewards.reshape(-1, self.group_size)
+        adv = advantages_lib.group_advantages(rewards, self.algorithm.advantage, key=key)
+        adv = adv.reshape(-1)
+        mask = batch.response_mask.astype(jnp.float32)
+        denominator = losses.loss_denominator(mask, self.algorithm.loss)
+        num_tokens = jnp.maximum(mask.sum(), 1.0)
+
+        def micro_step(grads, micro):
+            mb, mb_adv = micro
+            (loss, (policy_metrics, sums)), g = jax.value_and_grad(self._loss, has_aux=True)(
+                state.params, mb, mb_adv, denominator, ref_params
+            )
+            return jax.tree.map(jnp.add, grads, g), (loss, policy_metrics, sums)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        micro = _split_micro_batches((batch, adv), self.micro_batches)
+        grads, (loss, policy_metrics, sums) = jax.lax.scan(micro_step, zeros, micro)
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss.sum(), "grad_norm": optax.global_norm(grads)}
+        metrics.update(losses.aggregate_metrics(policy_metrics))
+        metrics.update({name: total.sum() / num_tokens for name, total in sums.items()})
+        metrics["advantage/mean"] = losses.masked_mean(
+            jnp.broadcast_to(adv[:, None], mask.shape), mask
+        )
+        new_state = LearnerState(params=params, opt_state=opt_state, step=state.step + 1)
+        return new_state, metrics
+
+    def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):
+        logits = response_logits(self.graphdef, params, batch)
+        logp, entropy = losses.token_logprobs(logits, batch.response_tokens, self.temperature)
+        mask = batch.response_mask.astype(jnp.float32)
+        loss, policy_metrics = losses.policy_loss(
+            logp, batch.behaviour_logp, adv, mask, self.algorithm.loss, denominator=denominator
+        )
+        logp = jax.lax.stop_gradient(logp)
+        sums = {
+            "entropy": (jax.lax.stop_gradient(entropy) * mask).sum(),
+            "kl/behaviour": (losses.kl_k2(logp, batch.behaviour_logp) * mask).sum(),
+        }
+        if self.ref_metrics:
+            ref_logits = jax.lax.stop_gradient(response_logits(self.graphdef, ref_params, batch))
+            ref_logp, _ = losses.token_logprobs(ref_logits, batch.response_tokens, self.temperature)
+            full_kl = losses.full_kl_from_logits(
+                jax.lax.stop_gradient(logits), ref_logits, self.temperature
+            )
+            sums["kl/ref"] = (losses.kl_k2(logp, ref_logp) * mask).sum()
+            sums["kl/ref_k3"] = (losses.kl_k3(logp, ref_logp) * mask).sum()
+            sums["kl/ref_full"] = (full_kl * mask).sum()
+        return loss, (policy_metrics, sums)

@@ -1,0 +1,143 @@
+"""The learner's update on a tiny random model: exact micro-batching, metrics, multi-device."""
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rl_jax import algorithms, losses, models
+from rl_jax.learner import Learner, TrainBatch, response_logits
+
+B, P, N, G, VOCAB = 16, 6, 8, 4, 32
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, N + 1, (B, 1))
+    return TrainBatch(
+        prompt_tokens=jnp.asarray(rng.integers(3, VOCAB, (B, P)), jnp.int32),
+        prompt_mask=jnp.asarray(np.arange(P)[None] >= rng.integers(0, 3, (B, 1)), jnp.int32),
+        response_tokens=jnp.asarray(rng.integers(3, VOCAB, (B, N)), jnp.int32),
+        response_mask=jnp.asarray(np.arange(N)[None] < lengths, jnp.float32),
+        behaviour_logp=jnp.asarray(-rng.uniform(0.5, 4, (B, N)), jnp.float32),
+        rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def policy():
+    config = dataclasses.replace(models.get_config("tiny"), vocab_size=VOCAB)
+    return nnx.split(models.init_model(config, 0))
+
+
+@pytest.fixture(scope="module")
+def updates(policy):
+    """One GRPO update of the same batch, whole and in 4 micro-batches."""
+    graphdef, params = policy
+    out = {}
+    for micro_batches in (1, 4):
+        learner = Learner(
+            graphdef, algorithms.get("grpo"), group_size=G, micro_batches=micro_batches
+        )
+        state = learner.init(jax.tree.map(jnp.copy, params))
+        out[micro_batches] = learner.update(state, make_batch(), params, jax.random.key(0))
+    return out
+
+
+def test_micro_batches_equal_one_batch(updates):
+    (state1, metrics1), (state4, metrics4) = updates[1], updates[4]
+    assert int(state1.step) == int(state4.step) == 1
+    # Adam's first step is lr * g / |g| per element: summation-order noise in a near-zero
+    # gradient element can move it by up to lr (1e-4); all but a few elements agree to 1e-7.
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state4.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+        assert np.mean(np.abs(np.asarray(a) - np.asarray(b)) > 1e-7) < 0.02
+    for name in metrics1:
+        np.testing.assert_allclose(
+            metrics1[name], metrics4[name], rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+def test_metrics_before_update(policy, updates):
+    graphdef, params = policy
+    batch = make_batch()
+    _, metrics = updates[1]
+    logits = response_logits(graphdef, params, batch)
+    mask = batch.response_mask
+    entropy = -(jax.nn.softmax(logits) * jax.nn.log_softmax(logits)).sum(-1)
+    np.testing.assert_allclose(metrics["entropy"], (entropy * mask).sum() / mask.sum(), rtol=1e-5)
+    # The learner starts at the reference policy: every KL to it is 0 at the first step.
+    for name in ("kl/ref", "kl/ref_k3", "kl/ref_full"):
+        assert abs(float(metrics[name])) < 1e-6, name
+    logp, _ = losses.token_logprobs(logits, batch.response_tokens)
+    expected = (0.5 * (logp - batch.behaviour_logp) ** 2 * mask).sum() / mask.sum()
+    np.testing.assert_allclose(metrics["kl/behaviour"], expected, rtol=1e-5)
+    assert metrics["num_tokens"] == mask.sum()
+
+
+def test_on_policy_ratio_is_one(policy, updates):
+    graphdef, params = policy
+    batch = make_batch()
+    logits = response_logits(graphdef, params, batch)
+    logp, _ = losses.token_logprobs(logits, batch.response_tokens)
+    batch = batch.replace(behaviour_logp=logp)
+    learner = Learner(graphdef, algorithms.get("grpo"), group_size=G)  # compiled by `updates`
+    state = learner.init(jax.tree.map(jnp.copy, params))
+    _, metrics = learner.update(state, batch, params, jax.random.key(0))
+    for name in ("ratio/min", "ratio/max", "ratio/mean"):
+        np.testing.assert_allclose(metrics[name], 1.0, atol=1e-5)
+    assert float(metrics["pg_clipfrac"]) == 0.0
+
+
+MULTI_DEVICE = textwrap.dedent(
+    """
+    import dataclasses, jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from rl_jax import algorithms, models, parallel
+    from rl_jax.learner import Learner
+    from tests.test_learner import G, VOCAB, make_batch
+    assert jax.device_count() == 4
+    config = dataclasses.replace(models.get_config("tiny"), vocab_size=VOCAB)
+    graphdef, params = nnx.split(models.init_model(config, 0))
+    learner = Learner(graphdef, algorithms.get("grpo"), group_size=G, micro_batches=2)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices=devices)
+        p = jax.device_put(params, parallel.param_shardings(params, mesh))
+        batch = parallel.shard_batch(jax.device_get(make_batch()), mesh)
+        state, metrics = learner.update(learner.init(jax.tree.map(jnp.copy, p)), batch, p, jax.random.key(0))
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+        assert np.mean(np.abs(a - b) > 1e-7) < 0.02
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    print("OK", len(jax.tree.leaves(p1)))
+    """
+)
+
+
+def test_four_devices_equal_one_device():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(root)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK")
