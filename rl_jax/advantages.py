@@ -1,4 +1,4 @@
-"""Group-relative advantages (arXiv 2509.24203 §2-§3; RED-Drop §4).
+"""Group-relative advantages (arXiv 2509.24203 §3 and its RED family).
 
 For one prompt the sampler draws a group of G responses with rewards R_1..R_G. Group-relative
 REINFORCE uses the group's mean reward as the baseline:

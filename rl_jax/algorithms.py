@@ -1,4 +1,4 @@
-"""The paper's named variants as kernel settings (arXiv 2509.24203 §3-§4; DESIGN.md §3).
+"""The paper's named variants as kernel settings (arXiv 2509.24203 §3; DESIGN.md §3).
 
 ``PRESETS`` is the one table to cite: each row gives a preset's non-default fields of
 ``AdvantageConfig`` / ``LossConfig`` (defaults: no clip, weight ``A``, eps = (0.2, 0.2),

@@ -1,4 +1,4 @@
-"""Policy-loss kernels, KL estimators and entropy (arXiv 2509.24203 §3-§4; DESIGN.md §3).
+"""Policy-loss kernels, KL estimators and entropy (arXiv 2509.24203 §3; DESIGN.md §3).
 
 Per response token: ``logp`` (current policy, carries the gradient), ``behaviour_logp`` (the
 sampler's log-prob, recorded at sampling time), the sequence's advantage ``A`` and ``mask`` (1 on
@@ -128,7 +128,7 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 def in_range_mask(
     ratio: jax.Array, seq_ratio: jax.Array, advantages: jax.Array, config: LossConfig
 ) -> jax.Array:
-    """Clip mask: which tokens keep their policy-gradient term (DESIGN.md §3, paper §3.2).
+    """Clip mask: which tokens keep their policy-gradient term (arXiv 2509.24203 §3, DESIGN.md §3).
 
     With ``lo = 1 - eps_low``, ``hi = 1 + eps_high``:
       none:          all tokens.
@@ -169,7 +169,7 @@ def in_range_mask(
 def weighted_advantages(
     advantages: jax.Array, ratio: jax.Array, seq_ratio: jax.Array, config: LossConfig
 ) -> tuple[jax.Array, jax.Array]:
-    """The per-token coefficient of ``-logp`` (paper §3-§4, DESIGN.md §3).
+    """The per-token coefficient of ``-logp`` (arXiv 2509.24203 §3, DESIGN.md §3).
 
     none: ``A``; importance_sampling: ``A * r``; gspo_importance_sampling: ``A * s``;
     advantage (RED-Weight): ``A * exp(min(A / weight_temp, weight_exp_bound))``.
@@ -195,7 +195,7 @@ def weighted_advantages(
 
 
 def regularizer_loss(logp: jax.Array, behaviour_logp: jax.Array, config: LossConfig) -> jax.Array:
-    """Per-token regulariser, not subject to the clip mask (paper §4, REP family).
+    """Per-token regulariser, not subject to the clip mask (the REP family, arXiv 2509.24203 §3).
 
     forward-kl (AsymRE): ``-reg_coef * logp``; k2 (OPMD): ``reg_coef * (logp - behaviour_logp)^2``
     (the 1/2 of the k2 estimator is absorbed into ``reg_coef``); none: 0. Shapes ``[batch, seq]``.
@@ -244,7 +244,7 @@ def policy_loss(
     *,
     denominator: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Group-relative REINFORCE loss of every variant in the paper (§3-§4; DESIGN.md §3).
+    """Group-relative REINFORCE loss of every variant in arXiv 2509.24203 (§3; DESIGN.md §3).
 
     ``loss = aggregate(-weighted_A * logp * in_range + regulariser)``, see the module docstring.
 
