@@ -1,5 +1,6 @@
 """Tests of rl_jax.losses: hand-computed values, gradient identities, numerical safety."""
 
+import dataclasses
 import functools
 import math
 
@@ -317,6 +318,22 @@ def test_loss_and_gradient_finite_for_extreme_inputs(
         assert np.all(np.asarray(grad)[mask == 0] == 0), name
         if not mask.any():
             assert loss == 0, name
+
+
+@pytest.mark.parametrize("length", [0, 1])
+def test_empty_masks_and_single_token_sequences(value_and_grads, length):
+    logp, behaviour_logp, adv, _ = _random_batch(seed=12)
+    mask = (np.arange(5) < length)[None, :].repeat(6, axis=0).astype(np.float32)
+    for name, ((loss, metrics), grad) in value_and_grads(logp, behaviour_logp, adv, mask).items():
+        assert np.isfinite(loss) and np.all(np.isfinite(grad)), name
+        assert metrics["num_tokens"] == 6 * length and np.all(np.asarray(grad)[:, 1:] == 0)
+        if length == 0:
+            assert loss == 0 and np.all(np.asarray(grad) == 0), name
+    if length == 1:  # one token per sequence: both aggregations reduce to the same mean
+        results = value_and_grads(logp, behaviour_logp, adv, mask)
+        config = dataclasses.replace(SAFETY_CONFIGS["rec-gspo-is"], aggregation="token-mean")
+        gspo_as_token_mean = losses.policy_loss(logp, behaviour_logp, adv, mask, config)[0]
+        np.testing.assert_allclose(results["rec-gspo-is"][0][0], gspo_as_token_mean, rtol=1e-6)
 
 
 def test_clamp_hits_are_counted(value_and_grads):
