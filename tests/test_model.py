@@ -44,13 +44,9 @@ def _tokens(seed=1, shape=(BATCH, SEQ)):
     return jax.random.randint(jax.random.key(seed), shape, 3, CONFIG.vocab_size, jnp.int32)
 
 
-def test_logits_shape_dtype_and_model_call(split_model, jit_forward):
-    graphdef, params = split_model
-    tokens = _tokens()
-    logits = jit_forward(graphdef, params, tokens)
+def test_logits_shape_and_dtype(split_model, jit_forward):
+    logits = jit_forward(*split_model, _tokens())
     assert logits.shape == (BATCH, SEQ, CONFIG.vocab_size) and logits.dtype == jnp.float32
-    model = nnx.merge(graphdef, params)
-    np.testing.assert_allclose(model(tokens), logits, atol=1e-5)
 
 
 def test_causal_future_tokens_do_not_change_past_logits(split_model, jit_forward):
@@ -164,18 +160,29 @@ def test_config_names_and_validation():
     assert isinstance(get_config("tiny"), ModelConfig)
 
 
-def test_vmap_over_seeds_and_bfloat16_compute():
-    seeds = jnp.arange(2)
-    graphdef = nnx.split(init_model(CONFIG, 0))[0]
-    params = jax.vmap(lambda s: nnx.split(init_model(CONFIG, s))[1])(seeds)
+def test_vmap_over_seeds_and_bfloat16_compute(split_model, jit_forward):
+    graphdef, params = split_model
     tokens = _tokens()
-    logits = jax.vmap(forward, in_axes=(None, 0, None))(graphdef, params, tokens)
-    np.testing.assert_allclose(logits[0], init_model(CONFIG, 0)(tokens), atol=1e-5)
+    seed_params = jax.vmap(lambda s: nnx.state(init_model(CONFIG, s)))(jnp.arange(2))
+    vmapped = jax.jit(jax.vmap(forward, in_axes=(None, 0, None)), static_argnums=0)
+    logits = vmapped(graphdef, seed_params, tokens)
+    reference = jit_forward(graphdef, params, tokens)
+    np.testing.assert_allclose(logits[0], reference, atol=1e-5)
     assert float(jnp.abs(logits[1] - logits[0]).max()) > 1e-3
-    bf16 = init_model(dataclasses.replace(CONFIG, dtype="bfloat16"), 0)
-    assert nnx.state(bf16)["embed"][...].dtype == jnp.float32
-    assert bf16.init_cache(BATCH, MAX_LEN).k.dtype == jnp.bfloat16
-    np.testing.assert_allclose(bf16(tokens), logits[0], atol=0.05)
+    bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
+    bf16_graphdef, bf16_params = nnx.split(nnx.eval_shape(lambda: init_model(bf16, 0)))
+    assert bf16_params["embed"].get_value().dtype == jnp.float32
+    assert init_cache(bf16, BATCH, MAX_LEN).k.dtype == jnp.bfloat16
+    np.testing.assert_allclose(jit_forward(bf16_graphdef, params, tokens), reference, atol=0.05)
+
+
+def test_init_distribution(split_model):
+    _, params = split_model
+    values = nnx.to_pure_dict(params)
+    np.testing.assert_array_equal(values["final_norm"]["scale"], 1.0)
+    np.testing.assert_array_equal(values["layers"]["q_proj"]["bias"], 0.0)
+    for matrix in (values["embed"], values["layers"]["down_proj"]["kernel"]):
+        assert abs(float(matrix.std()) - 0.02) < 1e-3 and abs(float(matrix.mean())) < 1e-3
 
 
 def test_donated_decode_step_updates_cache_in_place():

@@ -10,6 +10,7 @@ from rl_jax.models.decoder import (
     init_cache,
     init_model,
 )
+from rl_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint
 
 __all__ = [
     "Decoder",
@@ -23,4 +24,6 @@ __all__ = [
     "get_config",
     "init_cache",
     "init_model",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
 ]
