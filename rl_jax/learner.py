@@ -171,7 +171,9 @@ class Learner:
         return self.optimizer.make()
 
     def init(self, params) -> LearnerState:
-        return LearnerState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
+        """A fresh state; jitted so its arrays are placed as `update` returns them (one compile)."""
+        make = lambda p: LearnerState(params=p, opt_state=self.tx.init(p), step=jnp.int32(0))
+        return jax.jit(make)(params)
 
     def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
         """One jitted update -> (state, metrics); `state` is donated.

@@ -14,5 +14,9 @@ jax.config.update(
     ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The warm-started base policy is trained once per checkout and shared by every test that uses it.
+os.environ.setdefault(
+    "RL_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "rl_jax")
+)
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
