@@ -111,10 +111,15 @@ def test_config_is_read(pair):
     assert (config.rope_scaling is not None) == (family == "llama")
 
 
+def _ours(model, tokens, mask):
+    """Our logits through the one compiled signature (tokens, positions, mask) per model."""
+    return np.asarray(jit_forward(*nnx.split(model), tokens, default_positions(tokens, mask), mask))
+
+
 def test_logits_parity_unpadded(pair, batch):
     _, hf_model, _, _, model = pair
     tokens, _ = batch
-    ours = jit_forward(*nnx.split(model), tokens)
+    ours = _ours(model, tokens, np.ones_like(tokens))
     ref = _hf_logits(hf_model, tokens)
     assert ours.shape == ref.shape == (BATCH, SEQ, VOCAB)
     assert np.abs(ref).max() > 1.0  # not trivially small
@@ -124,9 +129,8 @@ def test_logits_parity_unpadded(pair, batch):
 def test_logits_parity_left_padded(pair, batch):
     _, hf_model, _, _, model = pair
     tokens, mask = batch
-    positions = default_positions(tokens, mask)
-    ours = np.asarray(jit_forward(*nnx.split(model), tokens, positions, mask))
-    ref = _hf_logits(hf_model, tokens, mask, positions)
+    ours = _ours(model, tokens, mask)
+    ref = _hf_logits(hf_model, tokens, mask, default_positions(tokens, mask))
     assert np.isfinite(ours).all()
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], ref[real], atol=ATOL, rtol=0)

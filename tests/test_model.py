@@ -21,7 +21,7 @@ from rl_jax.models import (
 )
 from rl_jax.models.decoder import rope_inv_freq
 
-BATCH, SEQ, PAD, MAX_LEN = 2, 8, 3, 16
+BATCH, LEN, PAD, PROMPT, MAX_LEN = 2, 11, 3, 7, 16
 CONFIG = get_config("tiny", vocab_size=40)
 
 
@@ -36,47 +36,56 @@ def jit_forward():
 
 
 @pytest.fixture(scope="module")
-def jit_decode():
-    return jax.jit(decode, static_argnums=0, donate_argnums=4)
+def run(split_model, jit_forward):
+    """logits of `tokens` `[BATCH, LEN]` under `mask` (default all ones): one compiled shape."""
+
+    def run(tokens, mask=None):
+        mask = np.ones((BATCH, LEN), np.int32) if mask is None else mask
+        return jit_forward(*split_model, tokens, default_positions(tokens, mask), mask)
+
+    return run
 
 
-def _tokens(seed=1, shape=(BATCH, SEQ)):
-    return jax.random.randint(jax.random.key(seed), shape, 3, CONFIG.vocab_size, jnp.int32)
+def _tokens(seed=1):
+    return np.random.default_rng(seed).integers(3, CONFIG.vocab_size, (BATCH, LEN), np.int32)
 
 
-def test_logits_shape_and_dtype(split_model, jit_forward):
-    logits = jit_forward(*split_model, _tokens())
-    assert logits.shape == (BATCH, SEQ, CONFIG.vocab_size) and logits.dtype == jnp.float32
+def _left_padded_mask():
+    mask = np.ones((BATCH, LEN), np.int32)
+    mask[0, :PAD] = 0
+    return mask
 
 
-def test_causal_future_tokens_do_not_change_past_logits(split_model, jit_forward):
-    graphdef, params = split_model
+def test_logits_shape_and_dtype(run):
+    logits = run(_tokens())
+    assert logits.shape == (BATCH, LEN, CONFIG.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_causal_future_tokens_do_not_change_past_logits(run):
     tokens = _tokens()
-    changed = tokens.at[:, 5:].set(jnp.flip(tokens[:, 5:], axis=1) % 7 + 3)
-    a = jit_forward(graphdef, params, tokens)
-    b = jit_forward(graphdef, params, changed)
+    changed = tokens.copy()
+    changed[:, 5:] = changed[:, 5:] % 7 + 3
+    a, b = run(tokens), run(changed)
     np.testing.assert_array_equal(a[:, :5], b[:, :5])
     assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-3
 
 
-def test_left_padding_gives_same_logits_and_finite_pad_rows(split_model, jit_forward):
-    graphdef, params = split_model
+def test_left_padding_gives_same_logits_and_finite_pad_rows(run):
     tokens = _tokens()
-    unpadded = jit_forward(graphdef, params, tokens)
-    # Row 0 has PAD left-pad tokens (arbitrary ids, masked), row 1 has none.
-    padded = jnp.concatenate([jnp.full((BATCH, PAD), 7, jnp.int32), tokens], axis=1)
-    mask = jnp.ones((BATCH, SEQ + PAD), jnp.int32).at[0, :PAD].set(0)
-    padded = padded.at[1].set(jnp.concatenate([tokens[1], tokens[1, :PAD]]))
-    logits = jit_forward(graphdef, params, padded, None, mask)
+    unpadded = run(tokens)
+    # Row 0 gets PAD left-pad tokens (arbitrary ids, masked); row 1 stays unpadded.
+    padded = tokens.copy()
+    padded[0] = np.concatenate([[7] * PAD, tokens[0, : LEN - PAD]])
+    logits = run(padded, _left_padded_mask())
     assert bool(jnp.isfinite(logits).all())
-    np.testing.assert_allclose(logits[0, PAD:], unpadded[0], atol=1e-5)
-    np.testing.assert_allclose(logits[1, :SEQ], unpadded[1], atol=1e-5)
+    np.testing.assert_allclose(logits[0, PAD:], unpadded[0, : LEN - PAD], atol=1e-5)
+    np.testing.assert_allclose(logits[1], unpadded[1], atol=1e-5)
 
 
-def test_fully_masked_row_is_finite(split_model, jit_forward):
-    graphdef, params = split_model
-    mask = jnp.zeros((BATCH, SEQ), jnp.int32)
-    assert bool(jnp.isfinite(jit_forward(graphdef, params, _tokens(), None, mask)).all())
+def test_fully_masked_row_is_finite(run):
+    mask = np.ones((BATCH, LEN), np.int32)
+    mask[0] = 0
+    assert bool(jnp.isfinite(run(_tokens(), mask)).all())
 
 
 def test_default_positions():
@@ -86,21 +95,21 @@ def test_default_positions():
     np.testing.assert_array_equal(default_positions(mask, None), [[0, 1, 2, 3, 4]] * 2)
 
 
-def test_prefill_then_step_decode_matches_full_forward(split_model, jit_forward, jit_decode):
+def test_prefill_then_step_decode_matches_full_forward(split_model, run):
     graphdef, params = split_model
-    tokens = jnp.concatenate([jnp.zeros((BATCH, PAD), jnp.int32), _tokens()], axis=1)
-    mask = jnp.ones((BATCH, SEQ + PAD), jnp.int32).at[0, :PAD].set(0)
-    positions = default_positions(tokens, mask)
-    full = jit_forward(graphdef, params, tokens, positions, mask)
-    prompt_len = PAD + 4
+    jit_decode = jax.jit(decode, static_argnums=0, donate_argnums=4)
+    tokens, mask = _tokens(), _left_padded_mask()
+    positions = np.asarray(default_positions(tokens, mask))
+    full = run(tokens, mask)
     cache = init_cache(CONFIG, BATCH, MAX_LEN)
-    cache_mask = jnp.zeros((BATCH, MAX_LEN), jnp.int32).at[:, :prompt_len].set(mask[:, :prompt_len])
+    cache_mask = np.zeros((BATCH, MAX_LEN), np.int32)
+    cache_mask[:, :PROMPT] = mask[:, :PROMPT]
     logits, cache = jit_decode(
-        graphdef, params, tokens[:, :prompt_len], positions[:, :prompt_len], cache, 0, cache_mask
+        graphdef, params, tokens[:, :PROMPT], positions[:, :PROMPT], cache, 0, cache_mask
     )
     steps = [logits]
-    for i in range(prompt_len, SEQ + PAD):
-        cache_mask = cache_mask.at[:, i].set(1)
+    for i in range(PROMPT, LEN):
+        cache_mask[:, i] = 1
         logits, cache = jit_decode(
             graphdef, params, tokens[:, i : i + 1], positions[:, i : i + 1], cache, i, cache_mask
         )
@@ -110,7 +119,7 @@ def test_prefill_then_step_decode_matches_full_forward(split_model, jit_forward,
     np.testing.assert_allclose(stepped[1], full[1], atol=1e-5)
     assert isinstance(cache, KVCache) and cache.k.shape == (2, BATCH, MAX_LEN, 2, 32)
     # Slots past the written prefix are untouched.
-    assert float(jnp.abs(cache.k[:, :, SEQ + PAD :]).max()) == 0.0
+    assert float(jnp.abs(cache.k[:, :, LEN:]).max()) == 0.0
 
 
 def test_rope_inv_freq_default_and_llama3_scaling():
@@ -160,13 +169,13 @@ def test_config_names_and_validation():
     assert isinstance(get_config("tiny"), ModelConfig)
 
 
-def test_vmap_over_seeds_and_bfloat16_compute(split_model, jit_forward):
+def test_vmap_over_seeds_and_bfloat16_compute(split_model, jit_forward, run):
     graphdef, params = split_model
     tokens = _tokens()
     seed_params = jax.vmap(lambda s: nnx.state(init_model(CONFIG, s)))(jnp.arange(2))
     vmapped = jax.jit(jax.vmap(forward, in_axes=(None, 0, None)), static_argnums=0)
-    logits = vmapped(graphdef, seed_params, tokens)
-    reference = jit_forward(graphdef, params, tokens)
+    logits = vmapped(graphdef, seed_params, tokens)  # default positions, no mask
+    reference = run(tokens)
     np.testing.assert_allclose(logits[0], reference, atol=1e-5)
     assert float(jnp.abs(logits[1] - logits[0]).max()) > 1e-3
     bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
@@ -188,12 +197,13 @@ def test_init_distribution(split_model):
 def test_donated_decode_step_updates_cache_in_place():
     """memory_analysis: the donated cache is aliased by the output and never copied whole."""
     config = get_config("tiny", vocab_size=40, num_layers=4)
-    graphdef, params = nnx.split(init_model(config, 0))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(config, 0)))
     batch, max_len = 4, 1024
-    cache = init_cache(config, batch, max_len)
-    cache_bytes = cache.k.nbytes + cache.v.nbytes
-    token = jnp.ones((batch, 1), jnp.int32)
-    args = (graphdef, params, token, token, cache, jnp.int32(5), jnp.ones((batch, max_len)))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+    cache_bytes = 2 * cache.k.size * cache.k.dtype.itemsize
+    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    cache_mask = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
+    args = (graphdef, params, token, token, cache, jnp.int32(5), cache_mask)
     donated = jax.jit(decode, static_argnums=0, donate_argnums=4).lower(*args).compile()
     copied = jax.jit(decode, static_argnums=0).lower(*args).compile()
     donated_mem, copied_mem = donated.memory_analysis(), copied.memory_analysis()
