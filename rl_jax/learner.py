@@ -229,8 +229,8 @@ class Learner:
         )
         logp = jax.lax.stop_gradient(logp)
         sums = {
-            "entropy": (jax.lax.stop_gradient(entropy) * mask).sum(),
-            "kl/behaviour": (losses.kl_k2(logp, batch.behaviour_logp) * mask).sum(),
+            "entropy": losses.masked_sum(jax.lax.stop_gradient(entropy), mask),
+            "kl/behaviour": losses.masked_sum(losses.kl_k2(logp, batch.behaviour_logp), mask),
         }
         if self.ref_metrics:
             ref_logits = jax.lax.stop_gradient(response_logits(self.graphdef, ref_params, batch))
@@ -238,7 +238,7 @@ class Learner:
             full_kl = losses.full_kl_from_logits(
                 jax.lax.stop_gradient(logits), ref_logits, self.temperature
             )
-            sums["kl/ref"] = (losses.kl_k2(logp, ref_logp) * mask).sum()
-            sums["kl/ref_k3"] = (losses.kl_k3(logp, ref_logp) * mask).sum()
-            sums["kl/ref_full"] = (full_kl * mask).sum()
+            sums["kl/ref"] = losses.masked_sum(losses.kl_k2(logp, ref_logp), mask)
+            sums["kl/ref_k3"] = losses.masked_sum(losses.kl_k3(logp, ref_logp), mask)
+            sums["kl/ref_full"] = losses.masked_sum(full_kl, mask)
         return loss, (policy_metrics, sums)
