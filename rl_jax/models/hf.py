@@ -227,6 +227,8 @@ def save_hf_checkpoint(path, config: ModelConfig, model: Decoder, *, dtype: str 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = pathlib.Path(path)
+    if (path / "model.safetensors.index.json").exists():
+        raise FileExistsError(f"{path} holds a sharded checkpoint; save into an empty directory")
     path.mkdir(parents=True, exist_ok=True)
     values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = jnp.dtype(dtype)  # a numpy-compatible dtype (ml_dtypes for bfloat16)
