@@ -314,7 +314,8 @@ def decode(graphdef, params, tokens, positions, cache, cache_index, cache_mask):
     The query in slot s attends to slots j <= s with `cache_mask[batch, j] = 1`; the caller
     sets the mask for the new slots too (0 for left padding in a prefill). `positions`
     `[batch, T]` are the RoPE positions. Prefill: T = prompt length, cache_index = 0; a decode
-    step: T = 1. `cache_index` is an int32 scalar and may be traced. Jit with the cache donated
+    step: T = 1. `cache_index` is an int32 scalar and may be traced; keep cache_index + T <=
+    max_len (XLA clamps an out-of-range write start). Jit with the cache donated
     (`donate_argnums`) to update it in place.
     """
     model = nnx.merge(graphdef, params)
