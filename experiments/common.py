@@ -1,0 +1,420 @@
+"""Shared machinery of the RL experiments: command line, runs, metric series, figures, tables.
+
+Every experiment module is a list of runs (`RunSpec`: a label and the `TrainConfig` fields that
+make it different) over one base config. The base is a preset or JSON file (`--config`, default
+the embedded task), then the experiment's defaults, then the user's `key=value` overrides (the
+syntax of `python -m rl_jax.train`, `rl_jax.config.parse_overrides`), then the run's own fields,
+`--steps` and `--seed`. Run i writes its metrics (JSONL + TensorBoard) and checkpoints to
+`<out>/<spec.name>/`; a run whose directory already holds a checkpoint resumes from it, so a
+rerun of a finished experiment only redraws its figures.
+
+Runs in one process share compiled programs: the sampler's jit is keyed on its static shapes
+and the learner's on its static settings, so runs with equal shapes (e.g. one algorithm at
+several sync intervals) compile once. A persistent compilation cache (`--compilation-cache`)
+extends that across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from rl_jax import config as config_lib
+
+DEFAULT_COMPILATION_CACHE = pathlib.Path.home() / ".cache" / "rl_jax" / "jax"
+# (metric, axis label) of the 2x2 training-dynamics figure (DESIGN.md §5 names).
+DYNAMICS_PANELS = (
+    ("reward/mean", "training reward"),
+    ("kl/ref", "KL to initial policy (k2)"),
+    ("entropy", "entropy (nats / token)"),
+    ("response_length/mean", "response length (tokens)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of an experiment: `label` for figures/tables, `name` for its directory, and the
+    `TrainConfig` fields it sets (they win over the base config and the user's overrides)."""
+
+    label: str
+    name: str
+    fields: Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A finished run: its config, every metrics.jsonl record (step 0 holds the first eval) and
+    the seconds this process spent on it (near 0 when it was already complete)."""
+
+    spec: RunSpec
+    config: config_lib.TrainConfig
+    metrics: list[dict]
+    wall_seconds: float
+
+
+def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
+    """The shared command line: --steps --seed --out --config --compilation-cache key=value..."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n")[0],
+        epilog=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", help="TrainConfig key=value (JSON values)")
+    parser.add_argument("--steps", type=int, default=steps, help="learner steps per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(out))
+    parser.add_argument(
+        "--config", default="embedded", help=f"a preset {sorted(config_lib.PRESETS)} or JSON file"
+    )
+    parser.add_argument(
+        "--compilation-cache",
+        default=os.environ.get("RL_JAX_COMPILATION_CACHE", str(DEFAULT_COMPILATION_CACHE)),
+        help="persistent JAX compilation cache directory ('' disables)",
+    )
+    return parser
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persist compiled programs under `path` (unless empty or a cache is already configured)."""
+    import jax
+
+    if not path or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def merge(*layers: Mapping) -> dict:
+    """Later layers win; Mapping values (task_options, algorithm_overrides) merge one level deep."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def build_configs(
+    specs: Sequence[RunSpec],
+    args: argparse.Namespace,
+    defaults: Mapping,
+    varied: Sequence[str],
+) -> list[config_lib.TrainConfig]:
+    """Every run's validated config. `varied`: fields the experiment sets per run; overriding
+    them from the command line would silently change the experiment, so it is an error."""
+    overrides = config_lib.parse_overrides(args.overrides)
+    clash = sorted({"steps", "seed", "out_dir", *varied} & set(overrides))
+    if clash:
+        raise ValueError(
+            f"override(s) {clash} are set by this experiment per run; use --steps/--seed/--out "
+            f"or edit the experiment's runs"
+        )
+    configs = []
+    for spec in specs:
+        fields = merge(defaults, overrides, spec.fields)
+        fields.update(steps=args.steps, seed=args.seed, out_dir=str(args.out / spec.name))
+        configs.append(config_lib.build(args.config, fields))
+    return configs
+
+
+def check_reusable(config: config_lib.TrainConfig) -> None:
+    """A run directory may only be resumed by the same settings (more steps are fine)."""
+    path = pathlib.Path(config.out_dir) / "config.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), json.loads(config.to_json())
+    changed = sorted(k for k in new if k != "steps" and old.get(k) != new[k])
+    if changed or old.get("steps", 0) > new["steps"]:
+        raise ValueError(
+            f"{config.out_dir} holds a run with other settings ({changed or ['steps']}); "
+            "pass another --out or delete that directory"
+        )
+
+
+def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig]) -> list[Outcome]:
+    """Trains (or resumes) each run in turn and reads back its metrics.jsonl."""
+    from rl_jax.metrics import read_metrics
+    from rl_jax.train import train
+
+    for config in configs:  # fail before the first run rather than after hours of training
+        check_reusable(config)
+    outcomes = []
+    for spec, config in zip(specs, configs, strict=True):
+        print(f"== {spec.label} -> {config.out_dir}", flush=True)
+        start = time.perf_counter()
+        train(config)
+        wall = time.perf_counter() - start
+        outcomes.append(Outcome(spec, config, read_metrics(config.out_dir), wall))
+    return outcomes
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def series(metrics: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that hold `key`, in step order."""
+    rows = [(m["step"], m[key]) for m in metrics if key in m]
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0)
+    steps, values = zip(*rows, strict=True)
+    return np.asarray(steps), np.asarray(values, dtype=np.float64)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start); same length as input."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values
+    cumsum = np.concatenate([[0.0], np.cumsum(values)])
+    upper = np.arange(1, values.size + 1)
+    lower = np.maximum(upper - window, 0)
+    return (cumsum[upper] - cumsum[lower]) / (upper - lower)
+
+
+def tail_mean(metrics: Sequence[Mapping], key: str, window: int) -> float:
+    """Mean of `key` over the last `window` steps that log it (NaN if none)."""
+    _, values = series(metrics, key)
+    return float(values[-window:].mean()) if values.size else float("nan")
+
+
+def eval_stats(metrics: Sequence[Mapping]) -> dict:
+    """Held-out reward at step 0, at the last evaluation and its maximum (NaN without evals)."""
+    steps, values = series(metrics, "eval/reward")
+    if not values.size:
+        return {"eval_start": float("nan"), "eval_final": float("nan"), "eval_best": float("nan")}
+    return {"eval_start": values[0], "eval_final": values[-1], "eval_best": values.max()}
+
+
+def train_seconds(metrics: Sequence[Mapping]) -> float:
+    """Sampling + learning time logged by the run (survives resumes; excludes eval/compiles)."""
+    return float(sum(m.get("time/sample", 0.0) + m.get("time/learn", 0.0) for m in metrics))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; floats with 3 decimals (NaN as '-')."""
+
+    def cell(value):
+        if isinstance(value, float | np.floating):
+            return "-" if np.isnan(value) else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def settings_line(config: config_lib.TrainConfig) -> str:
+    """The settings a figure title names: task, model, batch, learning rate, sampling."""
+    model = config.model if len(config.model) < 32 else pathlib.Path(config.model).name
+    return (
+        f"{config.task}, {model}, {config.prompts_per_step} prompts x {config.group_size}, "
+        f"lr {config.learning_rate:g}, T {config.temperature:g}, seed {config.seed}"
+    )
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    return " ".join(["python -m", module, *argv])
+
+
+def write_summary(out: pathlib.Path, title: str, command: str, table: str, notes: str = "") -> str:
+    """Writes `<out>/summary.md` (title, exact command, table, notes) and returns its text."""
+    text = f"# {title}\n\nCommand: `{command}`\n\n{table}\n"
+    if notes:
+        text += f"\n{notes.strip()}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text)
+    return text
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smoothing_window(num_steps: int) -> int:
+    return max(1, min(20, num_steps // 10))
+
+
+def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -> None:
+    """2x2 panels of DYNAMICS_PANELS vs learner step, one colour per run: raw values faint, a
+    trailing moving average solid; held-out `eval/reward` as dashed markers on the reward panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    window = _smoothing_window(max(len(o.metrics) for o in outcomes))
+    for index, outcome in enumerate(outcomes):
+        color = f"C{index}"
+        for ax, (key, ylabel) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
+            steps, values = series(outcome.metrics, key)
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(steps, moving_average(values, window), color=color, label=outcome.spec.label)
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("learner step")
+        steps, values = series(outcome.metrics, "eval/reward")
+        axes[0, 0].plot(
+            steps, values, color=color, linestyle="--", marker="o", markersize=3,
+            label=f"{outcome.spec.label} (held-out)",
+        )  # fmt: skip
+    axes[0, 0].set_ylim(-0.02, 1.02)
+    axes[0, 0].legend(fontsize=8, loc="lower right")
+    axes[0, 0].set_title(f"solid: {window}-step moving average; dashed: held-out eval", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_grid(
+    outcomes: Mapping[str, Sequence[Outcome]], title: str, path: pathlib.Path
+) -> None:
+    """One column per group (e.g. a sync setting), one line per run: training reward (moving
+    average, raw faint) on the top row, held-out eval reward on the bottom row."""
+    plt = _pyplot()
+    ncols = len(outcomes)
+    fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 6.5), squeeze=False, sharey=True)
+    longest = max(len(o.metrics) for group in outcomes.values() for o in group)
+    window = _smoothing_window(longest)
+    for col, (group, runs) in enumerate(outcomes.items()):
+        top, bottom = axes[0, col], axes[1, col]
+        for index, outcome in enumerate(runs):
+            color = f"C{index}"
+            steps, values = series(outcome.metrics, "reward/mean")
+            top.plot(steps, values, color=color, alpha=0.15, linewidth=0.7)
+            top.plot(steps, moving_average(values, window), color=color, label=outcome.spec.label)
+            steps, values = series(outcome.metrics, "eval/reward")
+            bottom.plot(steps, values, color=color, marker="o", markersize=2.5)
+        top.set_title(group, fontsize=10)
+        bottom.set_xlabel("learner step")
+        for ax in (top, bottom):
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(f"training reward ({window}-step avg)")
+    axes[1, 0].set_ylabel("held-out reward")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- studies: algorithms x sync settings ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sync:
+    """A sync setting (DESIGN.md §4); interval None = offline (all data from the initial policy)."""
+
+    label: str
+    name: str
+    interval: int | None
+    offset: int = 0
+
+    def fields(self, steps: int) -> dict:
+        interval = steps + 1 if self.interval is None else self.interval
+        return {"sync_interval": interval, "sync_offset": self.offset}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algo:
+    """A curve: a preset of `rl_jax.algorithms` with optional kernel-field overrides."""
+
+    label: str
+    name: str
+    preset: str
+    overrides: Mapping = dataclasses.field(default_factory=dict)
+
+
+STUDY_VARIED = ("algorithm", "algorithm_overrides", "sync_interval", "sync_offset")
+
+
+def study_specs(algos: Sequence[Algo], syncs: Sequence[Sync], steps: int) -> list[RunSpec]:
+    """Runs of every (sync, algorithm) pair, in `<out>/<sync.name>/<algo.name>/`."""
+    return [
+        RunSpec(
+            a.label,
+            f"{s.name}/{a.name}",
+            {"algorithm": a.preset, "algorithm_overrides": dict(a.overrides), **s.fields(steps)},
+        )
+        for s in syncs
+        for a in algos
+    ]
+
+
+def select(items: Sequence, names: str | None, what: str) -> list:
+    """The items whose `.name` is in the comma list `names` (all when None)."""
+    if not names:
+        return list(items)
+    wanted = names.split(",")
+    known = [item.name for item in items]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; allowed: {known}")
+    return [item for item in items if item.name in wanted]
+
+
+def study_table(outcomes: Sequence[Outcome], algos, syncs, value) -> str:
+    """Rows: algorithms; columns: sync settings; cells: `value(outcome)`."""
+    by_name = {o.spec.name: o for o in outcomes}
+    rows = [[a.label] + [value(by_name[f"{s.name}/{a.name}"]) for s in syncs] for a in algos]
+    return markdown_table(["algorithm", *(s.label for s in syncs)], rows)
+
+
+def run_study(module: str, doc: str, argv, algos, syncs, defaults, figure: str, title: str):
+    """Command line, runs, reward-grid figure and summary of an algorithms x syncs study."""
+    argv = list(argv)
+    parser = make_parser(doc, steps=400, out=f"runs/{module.rsplit('.', 1)[-1]}")
+    parser.add_argument("--algorithms", help=f"comma list of {[a.name for a in algos]}")
+    parser.add_argument("--syncs", help=f"comma list of {[s.name for s in syncs]}")
+    args = parser.parse_args(argv)
+    enable_compilation_cache(args.compilation_cache)
+    start = time.perf_counter()
+    algos = select(algos, args.algorithms, "algorithms")
+    syncs = select(syncs, args.syncs, "syncs")
+    specs = study_specs(algos, syncs, args.steps)
+    configs = build_configs(specs, args, defaults, varied=STUDY_VARIED)
+    outcomes = run_all(specs, configs)
+    by_sync = {
+        s.label: [o for o in outcomes if o.spec.name.startswith(f"{s.name}/")] for s in syncs
+    }
+    cfg = configs[0]
+    full_title = f"{title}: {settings_line(cfg)}, {cfg.steps} steps"
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_reward_grid(by_sync, full_title, out / figure)
+    start_eval = eval_stats(outcomes[0].metrics)["eval_start"]
+    cells = (
+        (f"Held-out reward at the last evaluation (step 0: {start_eval:.3f})",
+         lambda o: eval_stats(o.metrics)["eval_final"]),
+        ("Best held-out reward over the run", lambda o: eval_stats(o.metrics)["eval_best"]),
+        ("Training reward, mean of the last 20 steps",
+         lambda o: tail_mean(o.metrics, "reward/mean", 20)),
+        ("KL to the initial policy (k2), mean of the last 20 steps",
+         lambda o: tail_mean(o.metrics, "kl/ref", 20)),
+    )  # fmt: skip
+    tables = "\n\n".join(
+        f"{caption}:\n\n{study_table(outcomes, algos, syncs, value)}" for caption, value in cells
+    )
+    elapsed = time.perf_counter() - start
+    text = write_summary(
+        out, title, command_line(module, argv), tables,
+        f"Settings: {full_title}.\nWall time of this invocation: {elapsed:.0f} s.",
+    )  # fmt: skip
+    print(text)
+    print(f"wrote {out / figure} and {out / 'summary.md'}")
+    return outcomes

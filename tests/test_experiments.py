@@ -1,0 +1,129 @@
+"""The RL experiment modules end to end on tiny runs, and the helpers their figures rest on.
+
+The runs use a randomly initialised tiny policy (`model=tiny`, no warm start needed) with 2
+prompts x 4 responses, 2 steps and 8 held-out prompts; the studies run one algorithm each. The
+seed figure and the RED study share their RED-Weight learner program, the sampler programs are
+shared by all runs (equal shapes).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import common, red_study, seed_figure, sync_study
+from rl_jax.metrics import read_metrics
+
+TINY = ["model=tiny", "prompts_per_step=2", "group_size=4", "eval_prompts=8", "eval_every=1"]
+
+
+def table_row(summary: str, label: str) -> list[str]:
+    """The cells of the markdown row starting with `label`."""
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in\n{summary}")
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seed_figure")
+    argv = ["--steps", "2", "--seed", "3", "--out", str(out), *TINY]
+    return out, argv, seed_figure.main(argv)
+
+
+def test_seed_figure_writes_figure_metrics_and_summary(seed_run):
+    out, _, outcomes = seed_run
+    assert [o.spec.label for o in outcomes] == ["GRPO", "REC-OneSide-NoIS", "RED-Weight"]
+    assert (out / "seed_figure.png").stat().st_size > 20_000
+    summary = (out / "summary.md").read_text()
+    assert "--seed 3" in summary and "sync_interval 20" in summary
+    for name, label in (("grpo", "GRPO"), ("red-weight", "RED-Weight")):
+        run_dir = out / name
+        assert (run_dir / "tensorboard").is_dir()
+        config = json.loads((run_dir / "config.json").read_text())
+        assert (config["algorithm"], config["sync_interval"], config["seed"]) == (name, 20, 3)
+        assert config["prompts_per_step"] == 2 and config["steps"] == 2
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: eval of the initial policy
+        cells = table_row(summary, label)
+        evals = [m["eval/reward"] for m in metrics]
+        assert cells[0] == f"{evals[0]:.3f}" and cells[1] == f"{evals[-1]:.3f}"
+        assert cells[2] == f"{max(evals):.3f}"
+        assert cells[3] == f"{np.mean([m['reward/mean'] for m in metrics[1:]]):.3f}"
+        assert cells[5] == f"{np.mean([m['entropy'] for m in metrics[1:]]):.3f}"
+        assert cells[6] == f"{np.mean([m['response_length/mean'] for m in metrics[1:]]):.3f}"
+
+
+def test_rerun_resumes_finished_runs_and_refuses_other_settings(seed_run):
+    out, argv, outcomes = seed_run
+    before = (out / "grpo" / "metrics.jsonl").read_text()
+    again = seed_figure.main(argv)
+    assert (out / "grpo" / "metrics.jsonl").read_text() == before
+    assert [o.metrics for o in again] == [o.metrics for o in outcomes]
+    with pytest.raises(ValueError, match="other settings.*learning_rate"):
+        seed_figure.main([*argv, "learning_rate=0.001"])
+
+
+def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"\['algorithm'\]"):
+        seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])
+    with pytest.raises(ValueError, match="sync_interval"):
+        sync_study.main(["--out", str(tmp_path), "sync_interval=5"])
+    with pytest.raises(ValueError, match="unknown syncs"):
+        red_study.main(["--out", str(tmp_path), "--syncs", "sync7"])
+
+
+def test_sync_study_offline_run_never_syncs(tmp_path):
+    argv = ["--steps", "2", "--out", str(tmp_path), "--algorithms", "grpo"]
+    outcomes = sync_study.main([*argv, "--syncs", "sync1,offline", *TINY])
+    assert [o.spec.name for o in outcomes] == ["sync1/grpo", "offline/grpo"]
+    offline = outcomes[1]
+    assert offline.config.sync_interval == 3  # longer than the run: data of version 0 only
+    assert [m["policy_version"] for m in offline.metrics[1:]] == [0, 0]
+    assert [m["staleness/max"] for m in offline.metrics[1:]] == [0, 1]
+    assert (tmp_path / "sync_study.png").stat().st_size > 20_000
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| algorithm | on-policy (1, 0) | offline |" in summary
+    finals = [f"{o.metrics[-1]['eval/reward']:.3f}" for o in outcomes]
+    assert table_row(summary, "GRPO") == finals  # first table: final held-out reward
+
+
+def test_red_study_runs_red_weight_at_sync_20(tmp_path):
+    argv = ["--steps", "2", "--out", str(tmp_path), "--algorithms", "red-weight"]
+    outcomes = red_study.main([*argv, "--syncs", "sync20", *TINY])
+    (outcome,) = outcomes
+    assert outcome.config.algorithm == "red-weight" and outcome.config.sync_interval == 20
+    assert (tmp_path / "sync20" / "red-weight" / "metrics.jsonl").is_file()
+    assert (tmp_path / "red_study.png").stat().st_size > 10_000
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| RED-Weight |" in summary and "sync interval 20 (20, 0)" in summary
+
+
+def test_moving_average_is_a_trailing_mean():
+    np.testing.assert_allclose(
+        common.moving_average(np.array([1.0, 2.0, 3.0, 4.0, 10.0]), 2), [1, 1.5, 2.5, 3.5, 7]
+    )
+    np.testing.assert_allclose(common.moving_average(np.array([2.0, 4.0]), 5), [2, 3])
+
+
+def test_series_tail_mean_and_eval_stats_read_only_the_steps_that_log_a_key():
+    metrics = [
+        {"step": 0, "eval/reward": 0.25},
+        {"step": 1, "reward/mean": 0.5},
+        {"step": 2, "reward/mean": 1.0, "eval/reward": 0.75},
+        {"step": 3, "reward/mean": 0.0, "eval/reward": 0.5},
+    ]
+    steps, values = common.series(metrics, "eval/reward")
+    assert steps.tolist() == [0, 2, 3] and values.tolist() == [0.25, 0.75, 0.5]
+    assert common.tail_mean(metrics, "reward/mean", 2) == 0.5
+    assert common.eval_stats(metrics) == {"eval_start": 0.25, "eval_final": 0.5, "eval_best": 0.75}
+    assert np.isnan(common.tail_mean(metrics, "entropy", 2))
+
+
+def test_merge_layers_merges_dict_fields_one_level_deep():
+    merged = common.merge(
+        {"a": 1, "task_options": {"x": 1, "y": 2}}, {"a": 2, "task_options": {"y": 3}}
+    )
+    assert merged == {"a": 2, "task_options": {"x": 1, "y": 3}}
