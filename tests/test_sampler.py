@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rl_jax import models, sampler
 from rl_jax.sampler import SamplingConfig
@@ -73,6 +75,24 @@ def test_sampling_logprobs_hand_computed(config, behaviour_probs):
     behaviour_logp, full_logp = sampler.sampling_logprobs(logits, tokens, config)
     np.testing.assert_allclose(np.exp(behaviour_logp), behaviour_probs, atol=1e-6)
     np.testing.assert_allclose(np.exp(full_logp), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    logits=st.lists(st.floats(-20, 20, width=32), min_size=8, max_size=8),
+    top_k=st.sampled_from([0, 1, 3, 9]),
+    top_p=st.floats(0.01, 1.0),
+    temperature=st.floats(0.25, 4.0),
+)
+def test_truncated_distribution_is_a_normalised_top_set(logits, top_k, top_p, temperature):
+    config = SamplingConfig(eos_id=0, top_k=top_k, top_p=top_p, temperature=temperature)
+    truncated = np.asarray(sampler.truncated_logits(jnp.array([logits]), config))[0]
+    kept = np.isfinite(truncated)
+    probs = np.exp(np.asarray(jax.nn.log_softmax(jnp.asarray(truncated))))
+    np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
+    assert kept[np.argmax(logits)] and kept.sum() <= (top_k or 8)
+    assert np.min(np.array(logits)[kept]) >= np.max(np.array(logits)[~kept], initial=-np.inf)
+    np.testing.assert_allclose(truncated[kept], np.array(logits)[kept] / temperature, rtol=1e-6)
 
 
 def test_temperature_scales_before_softmax():
