@@ -19,6 +19,8 @@ def test_generator_is_deterministic(task):
     assert first == task.sample_prompts(7, 64)
     assert first == task.sample_prompts(np.random.default_rng(7), 64)
     assert first != task.sample_prompts(8, 64)
+    assert task.sample_prompts((7, 3), 8) == task.sample_prompts((7, 3), 8)  # (seed, step) keys
+    assert task.sample_prompts((7, 3), 8) != task.sample_prompts((7, 4), 8)
     assert ArithmeticTask().eval_examples() == task.eval_examples()
     assert task.eval_examples(3) == task.eval_examples()[:3]
 
