@@ -17,7 +17,8 @@ repeated `group_size` times (row r answers prompt r // group_size, so `x.reshape
 group_size)` groups the responses to one prompt); responses are `N` columns, the bucket of
 `max_new_tokens`. One compiled program per (batch, P, N, top-k off or its power-of-two bucket,
 top-p on or off, bucketed count and length of stop sequences): temperature, top_k, top_p, greedy,
-eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles. `compile_count()` counts the compilations.
+eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles.
+`compile_count()` counts the compilations.
 """
 
 from __future__ import annotations
@@ -256,12 +257,15 @@ class _Knobs:
         for row, stop in zip(stop_ids, stops, strict=False):
             row[:] = -1
             row[width - len(stop) :] = stop
-        scalars = dict(temperature=np.float32(config.temperature), top_p=np.float32(config.top_p),
-                       top_k=np.int32(config.top_k),
-                       greedy=np.bool_(config.greedy), eos_id=np.int32(config.eos_id),
-                       pad_id=np.int32(config.pad_id),
-                       max_new_tokens=np.int32(config.max_new_tokens))  # fmt: skip
-        return cls(stop_ids=stop_ids, **scalars)
+        ints = {k: np.int32(getattr(config, k)) for k in ("top_k", "eos_id", "pad_id")}
+        return cls(
+            temperature=np.float32(config.temperature),
+            top_p=np.float32(config.top_p),
+            greedy=np.bool_(config.greedy),
+            max_new_tokens=np.int32(config.max_new_tokens),
+            stop_ids=stop_ids,
+            **ints,
+        )
 
 
 def _row_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -299,9 +303,10 @@ def _generate_program(
     """The compiled program: prefill, then a while_loop of one-token decode steps.
 
     Static: the model, the top-k width (a power of two >= top_k, 0 = off), whether top-p is on
-    (`nucleus`), the response width N and the mesh; everything else of the SamplingConfig arrives traced in `knobs`. The KV cache is
-    allocated inside the program and lives in the loop carry, so each step updates it in place
-    and it never crosses the jit boundary (nothing to copy, nothing to donate).
+    (`nucleus`), the response width N and the mesh; the rest of the SamplingConfig arrives
+    traced in `knobs`. The KV cache is allocated inside the program and lives in the loop
+    carry, so each step updates it in place (XLA aliases the carry buffers) and it never
+    crosses the jit boundary: nothing to copy, nothing to donate.
     """
     _compile_counter[0] += 1
     batch, prompt_width = prompt_tokens.shape

@@ -1,4 +1,4 @@
-"""Sampler: sampling transforms, their log-probs, and KV-cache generation against the full forward."""
+"""Sampler: sampling transforms, their log-probs, KV-cache generation against the full forward."""
 
 import dataclasses
 
