@@ -90,7 +90,7 @@ def test_truncated_distribution_is_a_normalised_top_set(logits, top_k, top_p, te
     kept = np.isfinite(truncated)
     probs = np.exp(np.asarray(jax.nn.log_softmax(jnp.asarray(truncated))))
     np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
-    assert kept[np.argmax(logits)] and kept.sum() <= (top_k or 8)
+    assert np.max(np.array(logits)[kept]) == max(logits) and kept.sum() <= (top_k or 8)
     assert np.min(np.array(logits)[kept]) >= np.max(np.array(logits)[~kept], initial=-np.inf)
     np.testing.assert_allclose(truncated[kept], np.array(logits)[kept] / temperature, rtol=1e-6)
 
