@@ -1,13 +1,15 @@
 """Tokenizers: stable ids, round trips, EOS handling, padding."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import tokenizers
-from conftest import SHARED
 from tokenizers import models, pre_tokenizers, trainers
 
 from rl_jax.tokenizer import CHAR_ALPHABET, CharTokenizer, HFTokenizer
 
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 TINY_QWEN2 = SHARED / "models" / "tiny-qwen2" / "tokenizer.json"
 
 
