@@ -18,13 +18,15 @@ from rl_jax.config import TrainConfig
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """task: prompts and rewards; tokenizer; model_config; graphdef + params: the initial policy."""
+    """task: prompts and rewards; tokenizer; model_config; graphdef + params: the initial policy;
+    max_response_len: the generation cap (the config's, else the task's)."""
 
     task: Any
     tokenizer: Any
     model_config: models.ModelConfig
     graphdef: Any
     params: Any
+    max_response_len: int
 
 
 def make_task(config: TrainConfig):
@@ -72,11 +74,12 @@ def build_run(config: TrainConfig) -> Run:
             f"{model_config.vocab_size}"
         )
     max_positions = getattr(model_config, "max_position_embeddings", None)
-    needed = task.max_prompt_len + config.max_response_len
+    max_response_len = config.max_response_len or task.max_response_len
+    needed = task.max_prompt_len + max_response_len
     if max_positions is not None and needed > max_positions:
         raise ValueError(
-            f"max_response_len={config.max_response_len} plus the task's prompt length "
+            f"max_response_len={max_response_len} plus the task's prompt length "
             f"{task.max_prompt_len} exceeds the model's context of {max_positions} tokens"
         )
     graphdef, params = nnx.split(model)
-    return Run(task, tokenizer, model_config, graphdef, params)
+    return Run(task, tokenizer, model_config, graphdef, params, max_response_len)

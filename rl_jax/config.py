@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 
@@ -31,7 +32,7 @@ class TrainConfig:
       (`rl_jax.models.config_names()`, random init), or a Hugging Face model directory.
     algorithm: a preset of `rl_jax.algorithms.names()`; algorithm_overrides: its fields.
     prompts_per_step, group_size: the batch is prompts_per_step * group_size responses.
-    max_response_len: new-token cap; temperature, top_k (0 = off), top_p (1 = off): sampling.
+    max_response_len: new-token cap (None: the task's own, e.g. 25 for arithmetic); temperature, top_k (0 = off), top_p (1 = off): sampling.
     learning_rate ... grad_clip: AdamW (see `rl_jax.learner.OptimizerConfig`).
     micro_batches: gradient-accumulation pieces per update.
     steps: learner updates; sync_interval, sync_offset: DESIGN.md §4.
@@ -49,7 +50,7 @@ class TrainConfig:
     algorithm_overrides: Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
     prompts_per_step: int = 16
     group_size: int = 8
-    max_response_len: int = 24
+    max_response_len: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -78,7 +79,7 @@ class TrainConfig:
         self.algorithm_preset()  # unknown names and bad overrides raise ValueError here
         positive = ("prompts_per_step", "max_response_len", "steps", "micro_batches", "fsdp")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(
@@ -202,9 +203,11 @@ def _check_types(config: TrainConfig) -> None:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(config, field.name, float(value))
             continue
+        if typing.get_origin(hint) is types.UnionType:  # `int | None`
+            if value is None:
+                continue
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         expected = typing.get_origin(hint) or hint
-        if expected is Mapping:
-            expected = Mapping
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if not ok:
             raise ValueError(

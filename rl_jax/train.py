@@ -74,8 +74,8 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
-        max_new_tokens=config.max_response_len,
-        generation_buckets=(config.max_response_len,),
+        max_new_tokens=run.max_response_len,
+        generation_buckets=(run.max_response_len,),
         prompt_buckets=(run.task.max_prompt_len,),
     )
     learner = Learner(
@@ -156,6 +156,8 @@ def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
         prompt_mask=rollout.prompt_mask,
         response_tokens=rollout.response_tokens,
         response_mask=rollout.response_mask,
+        # The learner scores the untruncated softmax(z / T); so must the behaviour side, or the
+        # ratio would not be 1 on-policy when top-k / top-p are on (identical when they are off).
         behaviour_logp=rollout.full_logp,
         rewards=parallel.shard_batch(rewards, mesh),
     )
@@ -169,7 +171,7 @@ def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
     if schedule.snapshot_due(step, config.steps):
         pending = pending.push(step, learner_state.params)
     num_tokens = float(np.asarray(rollout.response_length).sum())
-    metrics = rollout_metrics(rollout, rewards, step, config.max_response_len)
+    metrics = rollout_metrics(rollout, rewards, step, run.max_response_len)
     metrics.update(learner_metrics)
     metrics.update({
         "time/sample": t1 - t0,
