@@ -265,6 +265,7 @@ def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -
             ax.plot(steps, moving_average(values, window), color=color, label=outcome.spec.label)
             ax.set_ylabel(ylabel)
             ax.set_xlabel("learner step")
+            ax.grid(alpha=0.3)
         steps, values = series(outcome.metrics, "eval/reward")
         axes[0, 0].plot(
             steps, values, color=color, linestyle="--", marker="o", markersize=3,
