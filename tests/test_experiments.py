@@ -127,3 +127,19 @@ def test_merge_layers_merges_dict_fields_one_level_deep():
         {"a": 1, "task_options": {"x": 1, "y": 2}}, {"a": 2, "task_options": {"y": 3}}
     )
     assert merged == {"a": 2, "task_options": {"x": 1, "y": 3}}
+
+
+def test_the_gsm8k_preset_gives_every_run_the_real_setup(tmp_path):
+    parser = common.make_parser("doc", steps=400, out=str(tmp_path))
+    args = parser.parse_args(["--config", "gsm8k-qwen2.5-1.5b", "eval_prompts=256"])
+    configs = common.build_configs(seed_figure.specs(), args, seed_figure.DEFAULTS, ("algorithm",))
+    assert [c.algorithm for c in configs] == ["grpo", "rec-oneside-nois", "red-weight"]
+    for c in configs:
+        assert (c.task, c.prompts_per_step, c.learning_rate) == ("gsm8k", 96, 1e-6)
+        assert (c.sync_interval, c.eval_prompts, c.steps) == (20, 256, 400)
+    specs = common.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS, steps=400)
+    configs = common.build_configs(specs, args, sync_study.DEFAULTS, common.STUDY_VARIED)
+    assert len(configs) == 24 and len({c.out_dir for c in configs}) == 24
+    wide = [c for c in configs if c.out_dir.endswith("offset10/rec-oneside-nois-wide")]
+    assert wide[0].algorithm_preset().loss.eps_high == 2.0 and wide[0].sync_offset == 10
+    assert wide[0].task == "gsm8k"
