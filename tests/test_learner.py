@@ -141,3 +141,44 @@ def test_four_devices_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
+
+
+EVERY_PRESET = textwrap.dedent(
+    """
+    import dataclasses, jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from rl_jax import algorithms, models
+    from rl_jax.learner import Learner
+    from tests.test_learner import G, VOCAB, make_batch
+    config = dataclasses.replace(models.get_config("tiny"), vocab_size=VOCAB)
+    graphdef, params = nnx.split(models.init_model(config, 0))
+    for name in algorithms.names():
+        learner = Learner(graphdef, algorithms.get(name), group_size=G, ref_metrics=False)
+        state = learner.init(jax.tree.map(jnp.copy, params))
+        for step in range(2):
+            state, metrics = learner.update(state, make_batch(step), None, jax.random.key(step))
+        values = {k: float(v) for k, v in metrics.items()}
+        assert all(np.isfinite(v) for v in values.values()), (name, values)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)), name
+        assert int(state.step) == 2 and values["grad_norm"] > 0, (name, values)
+        print(name, "ok")
+    """
+)
+
+
+def test_every_preset_trains_without_nan():
+    """Two updates of every preset on the tiny model, from stale behaviour log-probs. In a
+    subprocess with XLA's backend optimisations off: 14 compiles at half the compile time."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", EVERY_PRESET],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == len(algorithms.names())
