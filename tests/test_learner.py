@@ -126,21 +126,20 @@ MULTI_DEVICE = textwrap.dedent(
 )
 
 
-def test_four_devices_equal_one_device():
+def run_script(code: str, xla_flags: str) -> str:
+    """Runs `code` in a fresh Python with `XLA_FLAGS` (read when JAX starts); returns stdout."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(root)
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=str(root))
     proc = subprocess.run(
-        [sys.executable, "-c", MULTI_DEVICE],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("OK")
+    return proc.stdout
+
+
+def test_four_devices_equal_one_device():
+    out = run_script(MULTI_DEVICE, "--xla_force_host_platform_device_count=4")
+    assert out.startswith("OK")
 
 
 EVERY_PRESET = textwrap.dedent(
@@ -169,16 +168,5 @@ EVERY_PRESET = textwrap.dedent(
 def test_every_preset_trains_without_nan():
     """Two updates of every preset on the tiny model, from stale behaviour log-probs. In a
     subprocess with XLA's backend optimisations off: 14 compiles at half the compile time."""
-    root = pathlib.Path(__file__).resolve().parents[1]
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(root))
-    proc = subprocess.run(
-        [sys.executable, "-c", EVERY_PRESET],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == len(algorithms.names())
+    assert run_script(EVERY_PRESET, flags).count(" ok") == len(algorithms.names())
