@@ -341,7 +341,9 @@ class Algo:
     overrides: Mapping = dataclasses.field(default_factory=dict)
 
 
-STUDY_VARIED = ("algorithm", "algorithm_overrides", "sync_interval", "sync_offset")
+# `algorithm_overrides` from the command line stay allowed: they apply to every algorithm of the
+# study (e.g. `algorithm_overrides.clip=one-side`), under each run's own overrides.
+STUDY_VARIED = ("algorithm", "sync_interval", "sync_offset")
 
 
 def study_specs(algos: Sequence[Algo], syncs: Sequence[Sync], steps: int) -> list[RunSpec]:
@@ -394,7 +396,7 @@ def run_study(module: str, doc: str, argv, algos, syncs, defaults, figure: str, 
         s.label: [o for o in outcomes if o.spec.name.startswith(f"{s.name}/")] for s in syncs
     }
     cfg = configs[0]
-    full_title = f"{title}: {settings_line(cfg)}, {cfg.steps} steps"
+    full_title = f"{title}\n{settings_line(cfg)}, {cfg.steps} steps"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_reward_grid(by_sync, full_title, out / figure)
@@ -414,7 +416,8 @@ def run_study(module: str, doc: str, argv, algos, syncs, defaults, figure: str, 
     elapsed = time.perf_counter() - start
     text = write_summary(
         out, title, command_line(module, argv), tables,
-        f"Settings: {full_title}.\nWall time of this invocation: {elapsed:.0f} s.",
+        f"Settings: {full_title.replace(chr(10), ': ')}.\n"
+        f"Wall time of this invocation: {elapsed:.0f} s.",
     )  # fmt: skip
     print(text)
     print(f"wrote {out / figure} and {out / 'summary.md'}")

@@ -7,6 +7,7 @@ shared by all runs (equal shapes).
 """
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -143,3 +144,17 @@ def test_the_gsm8k_preset_gives_every_run_the_real_setup(tmp_path):
     wide = [c for c in configs if c.out_dir.endswith("offset10/rec-oneside-nois-wide")]
     assert wide[0].algorithm_preset().loss.eps_high == 2.0 and wide[0].sync_offset == 10
     assert wide[0].task == "gsm8k"
+
+
+def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
+    parser = common.make_parser("doc", steps=10, out=str(tmp_path))
+    args = parser.parse_args(
+        ["algorithm_overrides.clip=one-side", "algorithm_overrides.eps_high=0.5"]
+    )
+    specs = common.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS[:1], steps=10)
+    configs = common.build_configs(specs, args, sync_study.DEFAULTS, common.STUDY_VARIED)
+    losses = {pathlib.Path(c.out_dir).name: c.algorithm_preset().loss for c in configs}
+    assert losses["reinforce"].clip == "one-side" and losses["reinforce"].eps_high == 0.5
+    assert losses["rec-ring-nois"].clip == "one-side"
+    wide = losses["rec-oneside-nois-wide"]
+    assert (wide.clip, wide.eps_low, wide.eps_high) == ("one-side", 0.6, 2.0)
