@@ -186,12 +186,18 @@ def tail_mean(metrics: Sequence[Mapping], key: str, window: int) -> float:
     return float(values[-window:].mean()) if values.size else float("nan")
 
 
-def eval_stats(metrics: Sequence[Mapping]) -> dict:
-    """Held-out reward at step 0, at the last evaluation and its maximum (NaN without evals)."""
-    steps, values = series(metrics, "eval/reward")
+def eval_stats(metrics: Sequence[Mapping], tail: int = 5) -> dict:
+    """Held-out reward at step 0, at the last evaluation, the mean of the last `tail`
+    evaluations (less noisy than one) and the maximum; NaN without evaluations."""
+    _, values = series(metrics, "eval/reward")
     if not values.size:
-        return {"eval_start": float("nan"), "eval_final": float("nan"), "eval_best": float("nan")}
-    return {"eval_start": values[0], "eval_final": values[-1], "eval_best": values.max()}
+        return dict.fromkeys(("eval_start", "eval_final", "eval_tail", "eval_best"), float("nan"))
+    return {
+        "eval_start": values[0],
+        "eval_final": values[-1],
+        "eval_tail": values[-tail:].mean(),
+        "eval_best": values.max(),
+    }
 
 
 def train_seconds(metrics: Sequence[Mapping]) -> float:

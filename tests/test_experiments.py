@@ -51,10 +51,11 @@ def test_seed_figure_writes_figure_metrics_and_summary(seed_run):
         cells = table_row(summary, label)
         evals = [m["eval/reward"] for m in metrics]
         assert cells[0] == f"{evals[0]:.3f}" and cells[1] == f"{evals[-1]:.3f}"
-        assert cells[2] == f"{max(evals):.3f}"
-        assert cells[3] == f"{np.mean([m['reward/mean'] for m in metrics[1:]]):.3f}"
-        assert cells[5] == f"{np.mean([m['entropy'] for m in metrics[1:]]):.3f}"
-        assert cells[6] == f"{np.mean([m['response_length/mean'] for m in metrics[1:]]):.3f}"
+        assert cells[2] == f"{np.mean(evals):.3f}"  # 3 evaluations: all within the last 5
+        assert cells[3] == f"{max(evals):.3f}"
+        assert cells[4] == f"{np.mean([m['reward/mean'] for m in metrics[1:]]):.3f}"
+        assert cells[6] == f"{np.mean([m['entropy'] for m in metrics[1:]]):.3f}"
+        assert cells[7] == f"{np.mean([m['response_length/mean'] for m in metrics[1:]]):.3f}"
 
 
 def test_rerun_resumes_finished_runs_and_refuses_other_settings(seed_run):
@@ -119,7 +120,12 @@ def test_series_tail_mean_and_eval_stats_read_only_the_steps_that_log_a_key():
     steps, values = common.series(metrics, "eval/reward")
     assert steps.tolist() == [0, 2, 3] and values.tolist() == [0.25, 0.75, 0.5]
     assert common.tail_mean(metrics, "reward/mean", 2) == 0.5
-    assert common.eval_stats(metrics) == {"eval_start": 0.25, "eval_final": 0.5, "eval_best": 0.75}
+    assert common.eval_stats(metrics, tail=2) == {
+        "eval_start": 0.25,
+        "eval_final": 0.5,
+        "eval_tail": 0.625,
+        "eval_best": 0.75,
+    }
     assert np.isnan(common.tail_mean(metrics, "entropy", 2))
 
 
