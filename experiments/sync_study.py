@@ -15,10 +15,13 @@ Real setup (a TPU/GPU host):
         eval_prompts=256
 Options: --steps N, --seed S, --out DIR, key=value TrainConfig overrides (as `rl_jax.train`).
 
-Time: the 24 runs cost 8x the seed figure, about 2 hours at 400 steps on 2 CPU cores; the
-committed results (experiments/results/sync_study/) are a reduced run, see its summary.md.
-Expected: see experiments/results/sync_study/summary.md, which also says which of the paper's
-claims the embedded default reproduces.
+Time: 24 runs; at 100 steps (the committed results in experiments/results/sync_study/) 26
+minutes on this 2-core CPU (lightly shared), so roughly 1h45 at the default 400 steps.
+Expected (100 steps): on-policy all variants overlap (0.32 -> ~0.95 held-out); at interval 20
+and offset 10 REINFORCE is fast, then collapses (0.2 at step 60), GRPO = REC-OneSide-IS =
+REC-OneSide-NoIS (~0.92 at step 100), the (0.6, 2.0) range is fastest (0.79-0.86 at step 20)
+and stable; offline the (0.2, 0.2) variants stall at ~0.52, (0.6, 2.0) reaches ~0.8, REINFORCE
+~0.85 with a huge KL. See experiments/results/sync_study/summary.md for the paper's claims.
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/sync_study.png` (one column per sync
 setting: training reward on top, held-out reward below, one line per algorithm) and
 `<out>/summary.md` (tables of held-out and training reward and KL; also printed).
