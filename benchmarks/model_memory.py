@@ -27,7 +27,7 @@ def decode_step_memory(config, batch: int, max_len: int, donate: bool) -> dict[s
     compiled = step.lower(graphdef, params, token, token, cache, jnp.int32(0), cache_mask).compile()
     analysis = compiled.memory_analysis()
     return {
-        "cache": 2 * cache.k.size * cache.k.dtype.itemsize,
+        "cache": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
         "arguments": analysis.argument_size_in_bytes,
         "outputs": analysis.output_size_in_bytes,
         "alias": analysis.alias_size_in_bytes,

@@ -35,8 +35,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rl_jax import models
-
 _LOG = logging.getLogger(__name__)
 _DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _compile_counter = [0]
@@ -314,16 +312,15 @@ def _generate_program(
     constrain = _batch_constraint(mesh)
     next_key, sample_key = jax.random.split(key)
     row_keys = constrain(_row_keys(sample_key, batch))
-    cache = nnx.merge(graphdef, params).init_cache(batch, prompt_width + width)
-    cache = models.KVCache(constrain(cache.k, 1), constrain(cache.v, 1))
+    model = nnx.merge(graphdef, params)
+    layers = model.unstacked_layers()  # sliced once here, not at every decode step
+    cache = jax.tree.map(constrain, model.init_cache(batch, prompt_width + width))
     # Constant over the loop: slots not yet written lie after the query's own slot, and causality
     # hides them; only left padding needs masking.
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, width), prompt_mask.dtype)], 1)
     prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    logits, cache = models.decode(
-        graphdef, params, prompt_tokens, positions, cache, jnp.int32(0), cache_mask
-    )
+    logits, cache = model.decode(prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers)
     top_p = knobs.top_p if nucleus else None
 
     def emit(carry, logits):
@@ -348,9 +345,9 @@ def _generate_program(
 
     def step(carry):
         t, token = carry["t"], carry["token"]
-        logits, cache = models.decode(
-            graphdef, params, token[:, None], (prompt_length + t - 1)[:, None], carry["cache"],
-            prompt_width + t - 1, cache_mask,
+        logits, cache = model.decode(
+            token[:, None], (prompt_length + t - 1)[:, None], carry["cache"],
+            prompt_width + t - 1, cache_mask, layers,
         )  # fmt: skip
         return emit({**carry, "cache": cache}, logits[:, 0])
 

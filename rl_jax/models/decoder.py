@@ -5,8 +5,9 @@
         h'  = a + W_down (silu(W_gate m) * W_up m),            m = RMSNorm(a)
     logits = RMSNorm(h_L) · W_head   (W_head = E^T when embeddings are tied)
 
-Layers are stacked on a leading axis and run with `lax.scan` (one compiled layer body for any
-depth). Attention is grouped-query (num_kv_heads divides num_heads) with an optional q/k/v bias
+Layers are stacked on a leading axis. A full forward runs them with `lax.scan` (one compiled
+layer body for any depth); a cached decode runs them unrolled, each against its own cache buffer
+(`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query (num_kv_heads divides num_heads) with an optional q/k/v bias
 (Qwen2). Masked scores take a large finite negative value, so rows with nothing to attend to
 (left padding) stay finite. Parameters are float32; `config.dtype` sets the compute dtype.
 """
@@ -29,10 +30,15 @@ _INIT_STD = 0.02
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys and values, each `[num_layers, batch, max_len, num_kv_heads, head_dim]`."""
+    """Preallocated keys and values, one array per layer (tuples of `num_layers` arrays).
 
-    k: jax.Array
-    v: jax.Array
+    k[l]: `[batch, num_kv_heads, head_dim, max_len]`, keys stored transposed so that q k^T reads
+    the cache as a plain matrix product; v[l]: `[batch, num_kv_heads, max_len, head_dim]`.
+    Separate per-layer buffers let a decode step update and read each layer in place.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -82,6 +88,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """`attend` over a KV cache: the same softmax(q k^T / sqrt(d)) v with grouped KV heads.
+
+    q `[batch, q_len, heads, d]`, k_t `[batch, kv_heads, d, kv_len]` (keys transposed), v
+    `[batch, kv_heads, kv_len, d]`, allowed `[batch, q_len, kv_len]` -> `[batch, q_len, heads,
+    d]`. Both products contract a cache operand along its major axis, so XLA:CPU runs them as
+    plain batched matmuls with no transposing copy of the cache.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k_t.shape[1]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
 class Dense(nnx.Module):
@@ -222,35 +246,42 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype)
 
-    def decode(self, tokens, positions, cache: KVCache, cache_index, cache_mask):
-        """Run `tokens` `[batch, T]` against `cache`; see `rl_jax.models.decode`."""
+    def unstacked_layers(self) -> list[Block]:
+        """One `Block` per layer, each holding its slice of the stacked parameters."""
+        graphdef, state = nnx.split(self.layers)
+        return [
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.config.num_layers)
+        ]
+
+    def decode(self, tokens, positions, cache: KVCache, cache_index, cache_mask, layers=None):
+        """Run `tokens` `[batch, T]` against `cache`; see `rl_jax.models.decode`.
+
+        The layers run unrolled, each against its own cache buffer. `layers` (from
+        `unstacked_layers`) lets a caller that decodes in a loop slice the stacked parameters
+        once, outside the loop, instead of at every step.
+        """
         steps = tokens.shape[1]
-        max_len = cache.k.shape[2]
+        max_len = cache.v[0].shape[2]
         slots = cache_index + jnp.arange(steps, dtype=jnp.int32)  # [T]
         causal = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, max_len]
         allowed = causal[None] & (cache_mask[:, None, :] > 0)  # [batch, T, max_len]
-        graphdef, layer_params = nnx.split(self.layers)
-
-        def layer(carry, inputs):
-            x, k_all, v_all = carry
-            params, index = inputs
-            block = nnx.merge(graphdef, params)
-            q, k, v = block.qkv(x, positions)
-            # Writing into the full carried cache (not per-layer scan outputs) lets XLA update
-            # the donated buffer in place.
-            start = (index, jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            keys = jax.lax.dynamic_index_in_dim(k_all, index, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(v_all, index, keepdims=False)
-            dtype = self.config.dtype
-            out = attend(q, keys.astype(dtype), values.astype(dtype), allowed)
-            return (block.finish(x, out), k_all, v_all), None
-
-        indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        carry = (self._embed(tokens), cache.k, cache.v)
-        (x, k_all, v_all), _ = jax.lax.scan(layer, carry, (layer_params, indices))
-        return self._logits(x), KVCache(k_all, v_all)
+        dtype = self.config.dtype
+        zero = jnp.int32(0)
+        x = self._embed(tokens)
+        keys, values = [], []
+        for block, k_t, v in zip(layers or self.unstacked_layers(), cache.k, cache.v, strict=True):
+            q, k, new_v = block.qkv(x, positions)
+            k_t = jax.lax.dynamic_update_slice(
+                k_t, k.transpose(0, 2, 3, 1).astype(k_t.dtype), (zero, zero, zero, cache_index)
+            )
+            v = jax.lax.dynamic_update_slice(
+                v, new_v.transpose(0, 2, 1, 3).astype(v.dtype), (zero, zero, cache_index, zero)
+            )
+            x = block.finish(x, attend_cache(q, k_t.astype(dtype), v.astype(dtype), allowed))
+            keys.append(k_t)
+            values.append(v)
+        return self._logits(x), KVCache(tuple(keys), tuple(values))
 
 
 def init_model(config: ModelConfig, seed) -> Decoder:
@@ -295,11 +326,12 @@ def _initializer(config: ModelConfig):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zero KV cache `[num_layers, batch, max_len, num_kv_heads, head_dim]` in `dtype`
-    (default: the compute dtype)."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    """Zero KV cache in `dtype` (default: the compute dtype), laid out as `KVCache` describes."""
     dtype = jnp.dtype(dtype or config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    heads, dim, layers = config.num_kv_heads, config.head_dim, config.num_layers
+    keys = tuple(jnp.zeros((batch, heads, dim, max_len), dtype) for _ in range(layers))
+    values = tuple(jnp.zeros((batch, heads, max_len, dim), dtype) for _ in range(layers))
+    return KVCache(keys, values)
 
 
 def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> jax.Array:
