@@ -9,7 +9,9 @@ intermediate 704, vocab 512); per step 8 prompts "What is A+B? Answer:" (A, B in
 9 tokens) x group 8 = 64 responses of up to 64 new tokens at temperature 1.0; reward 1 if A+B
 appears in the completion as a whole number; the `grpo` preset (std-normalised group
 advantages, one-side clip, IS weight), AdamW lr 1e-5 with global-norm clip 1.0, one update per
-step, no reference-model KL (`Learner(..., ref_metrics=False)`), float32. The sampler holds the
+step, no reference-model KL (`Learner(..., ref_metrics=False)`), float32. The update accumulates
+the exact full-batch gradient over `--micro-batches` pieces (default 8, i.e. 8 rows x 73 tokens,
+whose activations stay in the CPU caches; on this workload that is ~20% faster than one piece). The sampler holds the
 learner's current params every step (on-policy).
 
 A step is timed from prompt encoding to the update's metrics on the host; `sample` ends when
@@ -70,7 +72,10 @@ def peak_rss_mib() -> float:
 class RLStep:
     """The benchmarked loop's state and one step of it."""
 
-    def __init__(self, model_dir: pathlib.Path, prompt_bucket: int, algorithm: str, seed: int):
+    def __init__(
+        self, model_dir: pathlib.Path, prompt_bucket: int, algorithm: str, seed: int,
+        micro_batches: int,
+    ):  # fmt: skip
         self.tokenizer = HFTokenizer(str(model_dir / "tokenizer.json"))
         self.config, model = models.load_hf_checkpoint(str(model_dir))
         self.graphdef, params = nnx.split(model)
@@ -86,6 +91,7 @@ class RLStep:
             group_size=GROUP,
             temperature=1.0,
             ref_metrics=False,
+            micro_batches=micro_batches,
         )
         self.state = self.learner.init(params)
         self.rng = np.random.default_rng(seed)
@@ -174,13 +180,16 @@ def main() -> None:
     parser.add_argument("--algorithm", default="grpo", choices=algorithms.names())
     parser.add_argument("--model-dir", type=pathlib.Path, default=MODEL_DIR)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro-batches", type=int, default=8,
+                        help="gradient-accumulation pieces per update (8: 8 rows of 73 tokens "
+                             "each, whose activations stay in the CPU caches)")  # fmt: skip
     parser.add_argument("--skip-peak", action="store_true", help="no matmul peak measurement")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step compiles)")
 
     load_before = os.getloadavg()
-    step = RLStep(args.model_dir, args.prompt_bucket, args.algorithm, args.seed)
+    step = RLStep(args.model_dir, args.prompt_bucket, args.algorithm, args.seed, args.micro_batches)
     records = []
     for i in range(args.steps):
         records.append(step())
@@ -199,6 +208,7 @@ def main() -> None:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
         "steps": args.steps,
+        "micro_batches": args.micro_batches,
         "prompt_width": records[0]["prompt_width"],
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
