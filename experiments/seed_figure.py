@@ -12,9 +12,8 @@ Real setup (GSM8K + a Hugging Face Qwen2.5 directory, a TPU/GPU host):
         eval_prompts=256 [task_options.data_dir=data/gsm8k model=checkpoints/Qwen2.5-1.5B-Instruct]
 Options: --steps N, --seed S, --out DIR, key=value TrainConfig overrides (as `rl_jax.train`).
 
-Time: 15 minutes on this 2-core CPU (measured: 917 s, most of it on a nearly idle machine; 30
-minutes when other jobs keep both cores busy); the warm start adds ~2.5 minutes the first time,
-then it is cached. See experiments/results/seed_figure/summary.md.
+Time: 12 minutes on an idle 2-core CPU (measured: 721 s; 30 minutes when other jobs keep both
+cores busy); the warm start adds ~2.5 minutes the first time, then it is cached. See experiments/results/seed_figure/summary.md.
 Expected (embedded default, seed 0): held-out reward 0.32 at step 0; GRPO and REC-OneSide-NoIS
 overlap within evaluation noise (0.51 at step 20, ~0.93 by step 80, 0.95-0.97 over the last five
 evaluations); RED-Weight is the fastest early (0.84 at step 20), dips to 0.69-0.86 between steps

@@ -11,7 +11,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rl_jax import models, sampler
+from rl_jax import models, sampler, sampling
 from rl_jax.sampler import SamplingConfig
 
 VOCAB, CAP, GROUP = 32, 12, 2
@@ -72,7 +72,7 @@ LOGITS_PROBS = np.array([0.1, 0.2, 0.3, 0.4])
 def test_sampling_logprobs_hand_computed(config, behaviour_probs):
     logits = jnp.broadcast_to(LOGITS, (4, 4))
     tokens = jnp.arange(4)
-    behaviour_logp, full_logp = sampler.sampling_logprobs(logits, tokens, config)
+    behaviour_logp, full_logp = sampling.sampling_logprobs(logits, tokens, config)
     np.testing.assert_allclose(np.exp(behaviour_logp), behaviour_probs, atol=1e-6)
     np.testing.assert_allclose(np.exp(full_logp), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
 
@@ -86,7 +86,7 @@ def test_sampling_logprobs_hand_computed(config, behaviour_probs):
 )
 def test_truncated_distribution_is_a_normalised_top_set(logits, top_k, top_p, temperature):
     config = SamplingConfig(eos_id=0, top_k=top_k, top_p=top_p, temperature=temperature)
-    truncated = np.asarray(sampler.truncated_logits(jnp.array([logits]), config))[0]
+    truncated = np.asarray(sampling.truncated_logits(jnp.array([logits]), config))[0]
     kept = np.isfinite(truncated)
     probs = np.exp(np.asarray(jax.nn.log_softmax(jnp.asarray(truncated))))
     np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-5)
@@ -97,7 +97,7 @@ def test_truncated_distribution_is_a_normalised_top_set(logits, top_k, top_p, te
 
 def test_temperature_scales_before_softmax():
     config = SamplingConfig(eos_id=0, temperature=2.0)
-    _, full_logp = sampler.sampling_logprobs(LOGITS, jnp.array([3]), config)
+    _, full_logp = sampling.sampling_logprobs(LOGITS, jnp.array([3]), config)
     expected = 0.5 * np.log(0.4) - np.log(np.sum(np.sqrt([0.1, 0.2, 0.3, 0.4])))
     np.testing.assert_allclose(full_logp, [expected], rtol=1e-6)
 
@@ -113,7 +113,7 @@ def test_sample_tokens_frequencies_and_recorded_logp(config, probs):
     rows = 20_000
     keys = jax.random.split(jax.random.key(0), rows)
     logits = jnp.broadcast_to(LOGITS, (rows, 4))
-    tokens, behaviour_logp, full_logp = jax.jit(sampler.sample_tokens, static_argnums=2)(
+    tokens, behaviour_logp, full_logp = jax.jit(sampling.sample_tokens, static_argnums=2)(
         logits, keys, config
     )
     frequencies = np.bincount(np.asarray(tokens), minlength=4) / rows
@@ -216,7 +216,7 @@ def test_top_k_one_equals_greedy(run):
 def test_behaviour_logp_equals_full_forward_recompute(run, policy):
     rollout, _ = run(SAMPLED)
     logits = _rescored(policy, rollout)
-    behaviour_logp, full_logp = sampler.sampling_logprobs(logits, rollout.response_tokens, SAMPLED)
+    behaviour_logp, full_logp = sampling.sampling_logprobs(logits, rollout.response_tokens, SAMPLED)
     mask = rollout.response_mask > 0
     assert np.max(np.abs(np.where(mask, behaviour_logp - rollout.behaviour_logp, 0))) < 1e-5
     assert np.max(np.abs(np.where(mask, full_logp - rollout.full_logp, 0))) < 1e-5
