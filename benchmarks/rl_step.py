@@ -113,14 +113,7 @@ class RLStep:
             np.float32,
         )
         t1, c1 = time.perf_counter(), time.process_time()
-        batch = TrainBatch(
-            prompt_tokens=rollout.prompt_tokens,
-            prompt_mask=rollout.prompt_mask,
-            response_tokens=rollout.response_tokens,
-            response_mask=rollout.response_mask,
-            behaviour_logp=rollout.full_logp,
-            rewards=rewards,
-        )
+        batch = TrainBatch.from_rollout(rollout, rewards)
         learner_key = jax.random.fold_in(jax.random.key(1), self.step)
         self.state, metrics = self.learner.update(self.state, batch, None, learner_key)
         loss = float(metrics["loss"])

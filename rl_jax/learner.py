@@ -109,6 +109,23 @@ class TrainBatch:
     behaviour_logp: jax.Array
     rewards: jax.Array
 
+    @classmethod
+    def from_rollout(cls, rollout, rewards) -> TrainBatch:
+        """The batch for a sampler `Rollout` and its `[batch]` rewards.
+
+        behaviour_logp is the rollout's `full_logp`: the learner scores the untruncated
+        softmax(z / T), so the behaviour side must too, or the ratio would not be 1 on-policy
+        when top-k / top-p are on (the two are identical when they are off).
+        """
+        return cls(
+            prompt_tokens=rollout.prompt_tokens,
+            prompt_mask=rollout.prompt_mask,
+            response_tokens=rollout.response_tokens,
+            response_mask=rollout.response_mask,
+            behaviour_logp=rollout.full_logp,
+            rewards=rewards,
+        )
+
 
 def response_logits(graphdef, params, batch: TrainBatch) -> jax.Array:
     """`[batch, response_len, vocab]` logits that predict each response token."""

@@ -151,16 +151,7 @@ def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
     )
     t1 = time.perf_counter()
 
-    batch = TrainBatch(
-        prompt_tokens=rollout.prompt_tokens,
-        prompt_mask=rollout.prompt_mask,
-        response_tokens=rollout.response_tokens,
-        response_mask=rollout.response_mask,
-        # The learner scores the untruncated softmax(z / T); so must the behaviour side, or the
-        # ratio would not be 1 on-policy when top-k / top-p are on (identical when they are off).
-        behaviour_logp=rollout.full_logp,
-        rewards=parallel.shard_batch(rewards, mesh),
-    )
+    batch = TrainBatch.from_rollout(rollout, parallel.shard_batch(rewards, mesh))
     learner_key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
     learner_state, learner_metrics = learner.update(
         state["learner"], batch, ref_params if config.ref_metrics else None, learner_key

@@ -15,6 +15,7 @@ from flax import nnx
 
 from rl_jax import algorithms, losses, models
 from rl_jax.learner import Learner, TrainBatch, response_logits
+from rl_jax.sampler import Rollout
 
 B, P, N, G, VOCAB = 16, 6, 8, 4, 32
 
@@ -30,6 +31,26 @@ def make_batch(seed=0):
         behaviour_logp=jnp.asarray(-rng.uniform(0.5, 4, (B, N)), jnp.float32),
         rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
     )
+
+
+def test_train_batch_from_rollout_scores_the_untruncated_distribution():
+    """The behaviour side is the rollout's full_logp (what the learner recomputes), not the
+    truncated top-k / top-p behaviour_logp; every other field is passed through."""
+    batch = make_batch()
+    rollout = Rollout(
+        prompt_tokens=batch.prompt_tokens,
+        prompt_mask=batch.prompt_mask,
+        response_tokens=batch.response_tokens,
+        response_mask=batch.response_mask,
+        behaviour_logp=batch.behaviour_logp + 0.5,  # truncated: differs from full_logp
+        full_logp=batch.behaviour_logp,
+        response_length=jnp.sum(batch.response_mask, 1).astype(jnp.int32),
+        truncated=jnp.zeros((B,), bool),
+        policy_version=jnp.zeros((B,), jnp.int32),
+    )
+    converted = TrainBatch.from_rollout(rollout, batch.rewards)
+    for got, want in zip(jax.tree.leaves(converted), jax.tree.leaves(batch), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope="module")
