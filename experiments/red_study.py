@@ -29,23 +29,23 @@ from __future__ import annotations
 
 import sys
 
-from experiments import common
+from experiments import study
 
 SYNCS = (
-    common.Sync("on-policy (1, 0)", "sync1", 1, 0),
-    common.Sync("sync interval 20 (20, 0)", "sync20", 20, 0),
+    study.Sync("on-policy (1, 0)", "sync1", 1, 0),
+    study.Sync("sync interval 20 (20, 0)", "sync20", 20, 0),
 )
 ALGORITHMS = (
-    common.Algo("GRPO", "grpo", "grpo"),
-    common.Algo("RED-Drop", "red-drop", "red-drop"),
-    common.Algo("RED-Weight", "red-weight", "red-weight"),
+    study.Algo("GRPO", "grpo", "grpo"),
+    study.Algo("RED-Drop", "red-drop", "red-drop"),
+    study.Algo("RED-Weight", "red-weight", "red-weight"),
 )
 DEFAULTS = {"eval_every": 20, "checkpoint_every": 100}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return common.run_study(
+    return study.run_study(
         "experiments.red_study", __doc__, argv, ALGORITHMS, SYNCS, DEFAULTS,
         figure="red_study.png", title="RED study: RED-Drop / RED-Weight vs GRPO",
     )  # fmt: skip

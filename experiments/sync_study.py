@@ -31,33 +31,33 @@ from __future__ import annotations
 
 import sys
 
-from experiments import common
+from experiments import study
 
 SYNCS = (
-    common.Sync("on-policy (1, 0)", "sync1", 1, 0),
-    common.Sync("sync interval 20 (20, 0)", "sync20", 20, 0),
-    common.Sync("sync offset 10 (1, 10)", "offset10", 1, 10),
-    common.Sync("offline", "offline", None, 0),
+    study.Sync("on-policy (1, 0)", "sync1", 1, 0),
+    study.Sync("sync interval 20 (20, 0)", "sync20", 20, 0),
+    study.Sync("sync offset 10 (1, 10)", "offset10", 1, 10),
+    study.Sync("offline", "offline", None, 0),
 )
 ALGORITHMS = (
-    common.Algo("REINFORCE", "reinforce", "reinforce"),
-    common.Algo("GRPO", "grpo", "grpo"),
-    common.Algo("REC-OneSide-NoIS", "rec-oneside-nois", "rec-oneside-nois"),
-    common.Algo("REC-OneSide-IS", "rec-oneside-is", "rec-oneside-is"),
-    common.Algo(
+    study.Algo("REINFORCE", "reinforce", "reinforce"),
+    study.Algo("GRPO", "grpo", "grpo"),
+    study.Algo("REC-OneSide-NoIS", "rec-oneside-nois", "rec-oneside-nois"),
+    study.Algo("REC-OneSide-IS", "rec-oneside-is", "rec-oneside-is"),
+    study.Algo(
         "REC-OneSide-NoIS (0.6, 2.0)",
         "rec-oneside-nois-wide",
         "rec-oneside-nois",
         {"eps_low": 0.6, "eps_high": 2.0},
     ),  # fmt: skip
-    common.Algo("REC-Ring-NoIS", "rec-ring-nois", "rec-ring-nois"),
+    study.Algo("REC-Ring-NoIS", "rec-ring-nois", "rec-ring-nois"),
 )
 DEFAULTS = {"eval_every": 20, "checkpoint_every": 100}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return common.run_study(
+    return study.run_study(
         "experiments.sync_study", __doc__, argv, ALGORITHMS, SYNCS, DEFAULTS,
         figure="sync_study.png", title="REC study: sync settings x algorithms",
     )  # fmt: skip

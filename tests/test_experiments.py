@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import common, red_study, seed_figure, sync_study
+from experiments import common, red_study, seed_figure, study, sync_study
 from rl_jax.metrics import read_metrics
 
 TINY = ["model=tiny", "prompts_per_step=2", "group_size=4", "eval_prompts=8", "eval_every=1"]
@@ -144,8 +144,8 @@ def test_the_gsm8k_preset_gives_every_run_the_real_setup(tmp_path):
     for c in configs:
         assert (c.task, c.prompts_per_step, c.learning_rate) == ("gsm8k", 96, 1e-6)
         assert (c.sync_interval, c.eval_prompts, c.steps) == (20, 256, 400)
-    specs = common.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS, steps=400)
-    configs = common.build_configs(specs, args, sync_study.DEFAULTS, common.STUDY_VARIED)
+    specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS, steps=400)
+    configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
     assert len(configs) == 24 and len({c.out_dir for c in configs}) == 24
     wide = [c for c in configs if c.out_dir.endswith("offset10/rec-oneside-nois-wide")]
     assert wide[0].algorithm_preset().loss.eps_high == 2.0 and wide[0].sync_offset == 10
@@ -157,8 +157,8 @@ def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
     args = parser.parse_args(
         ["algorithm_overrides.clip=one-side", "algorithm_overrides.eps_high=0.5"]
     )
-    specs = common.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS[:1], steps=10)
-    configs = common.build_configs(specs, args, sync_study.DEFAULTS, common.STUDY_VARIED)
+    specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS[:1], steps=10)
+    configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
     losses = {pathlib.Path(c.out_dir).name: c.algorithm_preset().loss for c in configs}
     assert losses["reinforce"].clip == "one-side" and losses["reinforce"].eps_high == 0.5
     assert losses["rec-ring-nois"].clip == "one-side"
