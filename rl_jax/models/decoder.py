@@ -7,8 +7,8 @@
 
 Layers are stacked on a leading axis. A full forward runs them with `lax.scan` (one compiled
 layer body for any depth); a cached decode runs them unrolled, each against its own cache buffer
-(`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query (num_kv_heads divides num_heads) with an optional q/k/v bias
-(Qwen2). Masked scores take a large finite negative value, so rows with nothing to attend to
+(`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
+(num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2). Masked scores take a large finite negative value, so rows with nothing to attend to
 (left padding) stay finite. Parameters are float32; `config.dtype` sets the compute dtype.
 """
 
@@ -247,7 +247,11 @@ class Decoder(nnx.Module):
         return init_cache(self.config, batch, max_len, dtype)
 
     def unstacked_layers(self) -> list[Block]:
-        """One `Block` per layer, each holding its slice of the stacked parameters."""
+        """One `Block` per layer, each holding its slice of the stacked parameters.
+
+        Under jit the slices are copies: whoever holds the list holds a second copy of the layer
+        weights (the sampler does, for the length of one `generate` call).
+        """
         graphdef, state = nnx.split(self.layers)
         return [
             nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
