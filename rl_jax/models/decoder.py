@@ -8,8 +8,9 @@
 Layers are stacked on a leading axis. A full forward runs them with `lax.scan` (one compiled
 layer body for any depth); a cached decode runs them unrolled, each against its own cache buffer
 (`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
-(num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2). Masked scores take a large finite negative value, so rows with nothing to attend to
-(left padding) stay finite. Parameters are float32; `config.dtype` sets the compute dtype.
+(num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2). Masked scores take a
+large finite negative value, so rows with nothing to attend to (left padding) stay finite.
+Parameters are float32; `config.dtype` sets the compute dtype.
 """
 
 from __future__ import annotations
