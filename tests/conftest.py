@@ -1,9 +1,15 @@
-"""Test-wide JAX settings: strict rank promotion and a persistent compilation cache."""
+"""Test-wide settings: strict rank promotion, a persistent compilation cache, and hypothesis
+examples drawn from a fixed seed (set HYPOTHESIS_PROFILE=explore for fresh random ones)."""
 
 import os
 import pathlib
 
+import hypothesis
 import jax
+
+hypothesis.settings.register_profile("ci", derandomize=True)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update(
