@@ -1,16 +1,11 @@
 """Jitted KV-cache generation that records behaviour log-probs (DESIGN.md §1).
 
-The off-policy analysis of arXiv 2509.24203 (§2-3) needs, for every generated token y_t, the
-log-probability of y_t under the distribution it was actually drawn from. With logits z_t
-([vocab]), temperature T, and the truncation set S_t kept by top-k / top-p (nucleus):
-
-    full_logp_t      = log softmax(z_t / T)[y_t]                      (untruncated)
-    behaviour_logp_t = log softmax(z_t / T restricted to S_t)[y_t]    (what was sampled from)
-
-The two are the same array, bit for bit, when top-k and top-p are off. `full_logp` is what the
-learner recomputes (the paper's code scores the full distribution at the sampling temperature);
-`behaviour_logp` is exact importance-sampling data. Greedy decoding samples from a point mass, so
-its `behaviour_logp` is 0 (as is top-k = 1); its `full_logp` is still log softmax(z / T).
+The off-policy analysis of arXiv 2509.24203 (§2-3) needs, for every generated token, its
+log-probability under the distribution it was actually drawn from. Each row records two, as
+defined in `rl_jax.sampling`: `behaviour_logp` (under the top-k / top-p truncated softmax(z / T)
+that was sampled from: exact importance-sampling data; 0 for greedy decoding) and `full_logp`
+(under the untruncated softmax(z / T): what the learner recomputes, as in the paper's code). The
+two are the same array, bit for bit, when top-k and top-p are off.
 
 Shapes: prompts are left-padded to a bucket width `P` (a few static sizes) and each prompt is
 repeated `group_size` times (row r answers prompt r // group_size, so `x.reshape(num_groups,
