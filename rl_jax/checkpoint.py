@@ -213,6 +213,12 @@ class Checkpointer:
             )
         return None
 
+    def discard_after(self, step: int) -> None:
+        """Deletes the checkpoints of steps > `step`: a resume from `step` will write them anew
+        (runs trained in lockstep resume from the newest step they all have)."""
+        for later in [s for s in self.steps if s > step]:
+            self._manager.delete(later)
+
     def close(self) -> None:
         """Wait for pending work and release the manager's threads."""
         self._manager.close()

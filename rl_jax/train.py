@@ -150,6 +150,8 @@ def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, Ru
         if len(steps) == 1:
             break
         limit = min(steps)
+    for ckpt in checkpointers:
+        ckpt.discard_after(restored[0][0])
     stack = lambda like, *xs: jax.device_put(jnp.stack(xs), like.sharding)
     return restored[0][0], jax.tree.map(stack, state, *[r[1] for r in restored])
 
