@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -262,6 +263,10 @@ class GSM8KTask:
     name = "gsm8k"
 
     def __init__(self, config: GSM8KConfig | None = None, *, tokenizer=None, **options):
+        # `tokenizer` is either the config field (a path, as `task_options` passes it) or a
+        # tokenizer object; a path must not be mistaken for an object.
+        if isinstance(tokenizer, str | os.PathLike):
+            options["tokenizer"], tokenizer = os.fspath(tokenizer), None
         self.config = dataclasses.replace(config or GSM8KConfig(), **options)
         if tokenizer is None:
             if self.config.tokenizer is None:
