@@ -20,6 +20,7 @@ TFDS's write-time order, which is deterministic but not the file order.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import importlib.util
 import json
@@ -30,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from rl_jax.tasks.gsm8k import GSM8KExample, gold_number
+from rl_jax.tasks.gsm8k_reward import gold_number
 
 SPLITS = ("train", "test")
 
@@ -42,6 +43,19 @@ _CITATION = """@article{cobbe2021gsm8k,
   journal={arXiv preprint arXiv:2110.14168},
   year={2021}
 }"""
+
+
+@dataclasses.dataclass(frozen=True)
+class GSM8KExample:
+    """One GSM8K problem: `index` is its row in the source file, `answer` the full answer field."""
+
+    index: int
+    question: str
+    answer: str
+
+    @property
+    def gold(self) -> decimal.Decimal:
+        return gold_number(self.answer)
 
 
 def _parse_row(line: str) -> dict[str, str]:
