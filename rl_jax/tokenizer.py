@@ -140,7 +140,12 @@ class HFTokenizer(_BatchMixin):
         if path.is_dir():
             path = path / "tokenizer.json"
         self.path = path
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {path} does not exist")
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for any bad file
+            raise ValueError(f"{path} is not a valid tokenizer.json: {error}") from None
         config_path = path.with_name("tokenizer_config.json")
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         eos_token = eos_token or _special_token_from_config(config, "eos_token")

@@ -182,3 +182,31 @@ def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tok
         gsm8k.GSM8KConfig(template="alpaca")
     with pytest.raises(ValueError, match="tokenizer must be given"):
         gsm8k.GSM8KTask(**options)
+
+
+# --- bad input: a ValueError naming the field or the file ----------------------------------
+
+
+def test_missing_data_dir_or_split_file_names_the_field(builder_module, tokenizer, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=r"task_options.data_dir=.*nowhere' is not a directory"):
+        gsm8k.GSM8KTask(tokenizer=tokenizer, data_dir=str(missing), tfds_data_dir=str(tmp_path))
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(TINY_DIR / "train.jsonl", half)
+    with pytest.raises(ValueError, match=r"has no test.jsonl \(found \['train.jsonl'\]\)"):
+        builder_module.load_split(half, "train", tmp_path / "tfds")
+
+
+def test_non_utf8_or_empty_file_is_named(builder_module, tmp_path):
+    source = tmp_path / "jsonl"
+    shutil.copytree(TINY_DIR, source)
+    test_file = source / "test.jsonl"
+    lines = test_file.read_bytes().splitlines()
+    test_file.write_bytes(lines[0] + b"\n" + lines[1].replace(b"4.5", b"4\xff5") + b"\n")
+    message = rf"^{re.escape(str(test_file))}:2: not UTF-8 \(byte 0xff at column \d+\)"
+    with pytest.raises(ValueError, match=message):
+        builder_module.load_split(source, "test", tmp_path / "tfds")
+    test_file.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(test_file))} holds no GSM8K problems"):
+        builder_module.load_split(source, "test", tmp_path / "tfds")

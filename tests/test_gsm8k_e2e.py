@@ -100,3 +100,70 @@ def test_gsm8k_cli_trains_evaluates_checkpoints_and_resumes(tmp_path):
     ]
     assert untimed(read_metrics(out)) == untimed(logged)
     assert (checkpoints / "3").is_dir()
+
+
+# --- bad input through the same CLI: one `error:` line, exit code 2, nothing written ---------
+
+TINY_DATA = ROOT / "tests" / "fixtures" / "gsm8k_tiny"
+
+
+def _main_error(capsys, tmp_path, **fields):
+    """Runs `rl_jax.train.main` in process (it fails before compiling); returns its error line."""
+    from rl_jax import train
+
+    fields = {
+        "model": str(MODEL_DIR),
+        "task_options.data_dir": str(TINY_DATA),
+        "task_options.tokenizer": str(MODEL_DIR),
+        "task_options.tfds_data_dir": str(tmp_path / "tfds"),
+        **fields,
+    }
+    out = tmp_path / "run"
+    argv = ["gsm8k-qwen2.5-1.5b", *(f"{k}={v}" for k, v in fields.items()), "--out", str(out)]
+    assert train.main(argv) == 2
+    # TFDS may report preparing the data above it; the error itself is the one last line.
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
+    assert not out.exists()
+    return lines[-1]
+
+
+def _model_copy(tmp_path, keep=("config.json", "model.safetensors"), **config_fields):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in keep:
+        (model / name).symlink_to(MODEL_DIR / name)
+    if config_fields:
+        hf = json.loads((MODEL_DIR / "config.json").read_text())
+        (model / "config.json").unlink()
+        (model / "config.json").write_text(json.dumps({**hf, **config_fields}))
+    return model
+
+
+def test_missing_data_dir_is_one_error_line(capsys, tmp_path):
+    err = _main_error(capsys, tmp_path, **{"task_options.data_dir": str(tmp_path / "nowhere")})
+    assert "task_options.data_dir=" in err and "is not a directory" in err
+
+
+def test_model_dir_without_config_or_with_only_pickle_weights(capsys, tmp_path):
+    model = _model_copy(tmp_path, keep=("model.safetensors",))
+    assert f"model directory {model} has no config.json" in _main_error(
+        capsys, tmp_path, model=str(model)
+    )
+    shutil.rmtree(model)
+    model = _model_copy(tmp_path, keep=("config.json",))
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    err = _main_error(capsys, tmp_path, model=str(model))
+    assert "has no model.safetensors" in err and "pickle checkpoints" in err
+    assert "is neither a preset nor a directory" in _main_error(capsys, tmp_path, model="nope")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(capsys, tmp_path):
+    model = _model_copy(tmp_path, vocab_size=256)
+    err = _main_error(capsys, tmp_path, model=str(model))
+    assert "has 512 tokens, more than the vocab_size 256" in err
+    assert "task_options.tokenizer" in err
+    missing = tmp_path / "no-tokenizer"
+    missing.mkdir()
+    err = _main_error(capsys, tmp_path, **{"task_options.tokenizer": str(missing)})
+    assert f"tokenizer file {missing / 'tokenizer.json'} does not exist" in err
