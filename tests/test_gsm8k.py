@@ -148,6 +148,23 @@ def tokenizer():
     return HFTokenizer(TOKENIZER_DIR)
 
 
+def test_model_chat_template_renders_as_transformers_does(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    messages = gsm8k.chat_messages("Natalia sold 48 clips. How many?")
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(messages) == expected
+    assert gsm8k.format_prompt("Q?", "model", tokenizer=tokenizer) == gsm8k.format_prompt("Q?")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", bare)
+    shutil.copy(TOKENIZER_DIR / "tokenizer_config.json", bare)
+    from rl_jax.tokenizer import HFTokenizer
+
+    with pytest.raises(ValueError, match=f"{re.escape(str(bare))} has no chat template"):
+        HFTokenizer(bare).apply_chat_template(messages)
+
+
 def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tokenizer, tmp_path):
     options = {"data_dir": str(TINY_DIR), "tfds_data_dir": str(tmp_path)}
     task = gsm8k.GSM8KTask(tokenizer=tokenizer, **options)

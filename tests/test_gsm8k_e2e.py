@@ -45,7 +45,10 @@ def _slice(source_dir, target_dir, counts):
     for split, count in counts.items():
         lines = (source_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
         fits = lambda line: len(
-            tokenizer.encode(gsm8k.format_prompt(json.loads(line)["question"]), add_bos=True)
+            tokenizer.encode(
+                gsm8k.format_prompt(json.loads(line)["question"], "model", tokenizer=tokenizer),
+                add_bos=True,
+            )
         )
         kept = [line for line in lines[:200] if fits(line) <= budget][:count]
         assert len(kept) == count

@@ -52,10 +52,21 @@ def chat_messages(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dic
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
 
 
-def format_prompt(question: str, template: str = "chatml", system_prompt: str = SYSTEM_PROMPT):
-    """The prompt text the policy continues: system prompt + question in a chat layout."""
+# "model": the policy's own chat template, from its tokenizer directory.
+TEMPLATES = ("model", *CHAT_TEMPLATES)
+
+
+def format_prompt(
+    question: str, template: str = "chatml", system_prompt: str = SYSTEM_PROMPT, tokenizer=None
+) -> str:
+    """The prompt text the policy continues: system prompt + question in a chat layout, or in
+    the model's own template (``template="model"``: `tokenizer.apply_chat_template`)."""
+    if template == "model":
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise ValueError("template='model' needs a Hugging Face tokenizer with a chat template")
+        return tokenizer.apply_chat_template(chat_messages(question, system_prompt))
     if template not in CHAT_TEMPLATES:
-        raise ValueError(f"template must be one of {sorted(CHAT_TEMPLATES)}, got {template!r}")
+        raise ValueError(f"template must be one of {list(TEMPLATES)}, got {template!r}")
     return CHAT_TEMPLATES[template].format(system=system_prompt, question=question)
 
 
@@ -68,7 +79,8 @@ class GSM8KConfig:
     tfds_data_dir: where TFDS writes the prepared array_record files (a cache).
     tokenizer: path of the policy's ``tokenizer.json`` (or its model directory); it measures
       prompts and is the task's tokenizer. A tokenizer object may be passed to `GSM8KTask`.
-    template: chat layout of the prompt, a key of `CHAT_TEMPLATES`.
+    template: chat layout of the prompt: "model" (the tokenizer directory's own chat template,
+      the default) or a key of `CHAT_TEMPLATES` for tokenizers without one.
     max_prompt_len: prompt budget in tokens (BOS included); None = the longest prompt of both
       splits. A smaller value than that longest prompt is an error, never a silent truncation.
     max_response_len: generation cap in tokens (the paper uses 1024).
@@ -79,7 +91,7 @@ class GSM8KConfig:
     data_dir: str | None = None
     tfds_data_dir: str = "~/.cache/rl_jax/tfds"
     tokenizer: str | None = None
-    template: str = "chatml"
+    template: str = "model"
     max_prompt_len: int | None = None
     max_response_len: int = 1024
     num_eval: int | None = None
@@ -88,10 +100,8 @@ class GSM8KConfig:
     timeout_seconds: int = TIMEOUT_SECONDS
 
     def __post_init__(self):
-        if self.template not in CHAT_TEMPLATES:
-            raise ValueError(
-                f"template must be one of {sorted(CHAT_TEMPLATES)}, got {self.template!r}"
-            )
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {list(TEMPLATES)}, got {self.template!r}")
         for name in ("max_prompt_len", "max_response_len", "num_eval"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
@@ -152,8 +162,11 @@ class GSM8KTask:
         self.max_response_len = self.config.max_response_len
 
     def _to_examples(self, examples: Sequence[GSM8KExample]) -> list[Example]:
-        template = self.config.template
-        return [Example(format_prompt(ex.question, template), ex.answer) for ex in examples]
+        template, tokenizer = self.config.template, self.tokenizer
+        return [
+            Example(format_prompt(ex.question, template, tokenizer=tokenizer), ex.answer)
+            for ex in examples
+        ]
 
     def _prompt_budget(self, examples: Sequence[Example]) -> int:
         longest = max(len(self.tokenizer.encode(ex.prompt, add_bos=True)) for ex in examples)
