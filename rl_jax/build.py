@@ -119,7 +119,9 @@ def _build_run(config: TrainConfig) -> Run:
     if max_positions is not None and needed > max_positions:
         raise ValueError(
             f"max_response_len={max_response_len} plus the task's prompt length "
-            f"{task.max_prompt_len} exceeds the model's context of {max_positions} tokens"
+            f"{task.max_prompt_len} (its longest prompt) exceeds the model's context of "
+            f"{max_positions} tokens (max_position_embeddings of {config.model!r}): lower "
+            "max_response_len, or use a model with a longer context"
         )
     graphdef, params = nnx.split(model)
     return Run(task, tokenizer, model_config, graphdef, params, max_response_len)

@@ -170,3 +170,9 @@ def test_tokenizer_larger_than_the_model_vocabulary(capsys, tmp_path):
     missing.mkdir()
     err = _main_error(capsys, tmp_path, **{"task_options.tokenizer": str(missing)})
     assert f"tokenizer file {missing / 'tokenizer.json'} does not exist" in err
+
+
+def test_prompt_plus_response_beyond_the_context(capsys, tmp_path):
+    err = _main_error(capsys, tmp_path, max_response_len=512)
+    assert "max_response_len=512 plus the task's prompt length" in err
+    assert "exceeds the model's context of 512 tokens" in err
