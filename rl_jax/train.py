@@ -253,7 +253,11 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(config)
+    try:
+        result = train(config)
+    except build.InputError as err:  # a bad file or directory, found before anything compiled
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     last = result.metrics[-1] if result.metrics else {}
     print(" ".join(f"{k}={last[k]:.4g}" for k in ("reward/mean", "kl/ref", "entropy") if k in last))
     return 0
