@@ -43,6 +43,7 @@ from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate_rows
 from rl_jax.sync import SyncSchedule
 
 SAMPLE, LEARN, EVAL = 0, 1, 2  # key purposes
+RUNS, WINDOW = "runs", "window"  # the vmapped axes of a RunState and of a generation window
 
 
 def purpose_key(root: jax.Array, purpose: int, step=None) -> jax.Array:
@@ -166,10 +167,11 @@ class Step:
                 jax.random.fold_in(sampler.key, step),
                 groups.rows_from_prompts(tokens, self.group_size),
                 groups.rows_from_prompts(mask, self.group_size), self.sampling, self.mesh,
+                loop_axes=(RUNS, WINDOW),
             )  # fmt: skip
 
         steps = first_step + jnp.arange(prompt_tokens.shape[0], dtype=jnp.int32)
-        window = jax.vmap(one_step)(prompt_tokens, prompt_mask, steps)
+        window = jax.vmap(one_step, axis_name=WINDOW)(prompt_tokens, prompt_mask, steps)
         return window, state.replace(sampler=sampler, pending=pending)
 
     def _learn_one(self, state: RunState, window: Rollout, rewards, index, step):
@@ -203,7 +205,7 @@ def rollout_metrics(rollout: Rollout, rewards, step, cap: int) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, first_step):
-    return jax.vmap(step_fn._sample_one, in_axes=(0, 0, 0, None))(
+    return jax.vmap(step_fn._sample_one, in_axes=(0, 0, 0, None), axis_name=RUNS)(
         state, prompt_tokens, prompt_mask, first_step
     )
 
@@ -220,7 +222,7 @@ def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
     def one(params, version, root):
         return generate_rows(
             step_fn.learner.graphdef, params, version, purpose_key(root, EVAL), prompt_tokens,
-            prompt_mask, step_fn.sampling, step_fn.mesh,
+            prompt_mask, step_fn.sampling, None, loop_axes=(RUNS,),
         )  # fmt: skip
 
-    return jax.vmap(one)(state.learner.params, state.learner.step, state.key)
+    return jax.vmap(one, axis_name=RUNS)(state.learner.params, state.learner.step, state.key)
