@@ -29,7 +29,7 @@ import optax
 from rl_jax import advantages as advantages_lib
 from rl_jax import losses
 from rl_jax.algorithms import Algorithm
-from rl_jax.models import forward
+from rl_jax.models import MemoryOptions, forward_hidden
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -127,14 +127,14 @@ class TrainBatch:
         )
 
 
-def response_logits(graphdef, params, batch: TrainBatch) -> jax.Array:
-    """`[batch, response_len, vocab]` logits that predict each response token."""
+def response_hidden(graphdef, params, batch: TrainBatch, memory: MemoryOptions | None = None):
+    """(hidden `[batch, response_len, d]` that predict each response token, W_head, layout)."""
     prompt_len = batch.prompt_tokens.shape[1]
     tokens = jnp.concatenate([batch.prompt_tokens, batch.response_tokens], axis=1)
     # Tokens after EOS are padding but come after every real token, so causality hides them.
     mask = jnp.concatenate([batch.prompt_mask, jnp.ones_like(batch.response_tokens)], axis=1)
-    logits = forward(graphdef, params, tokens, attention_mask=mask)
-    return logits[:, prompt_len - 1 : -1]
+    hidden, head, layout = forward_hidden(graphdef, params, tokens, mask, memory or MemoryOptions())
+    return hidden[:, prompt_len - 1 : -1], head, layout
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -163,6 +163,8 @@ class Learner:
       temperature: the sampling temperature; logp and entropy are of softmax(logits / T).
       micro_batches: gradient-accumulation pieces per update; must divide the batch.
       ref_metrics: compute the KL-to-reference metrics (one extra forward pass per update).
+      memory: layer recomputation and attention implementation (`rl_jax.models.MemoryOptions`).
+      logprob_chunk: response positions per block of `losses.token_stats` (0 = one block).
     """
 
     graphdef: Any
@@ -172,6 +174,8 @@ class Learner:
     temperature: float = 1.0
     micro_batches: int = 1
     ref_metrics: bool = True
+    memory: MemoryOptions = MemoryOptions()
+    logprob_chunk: int = 0
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -182,6 +186,8 @@ class Learner:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 0):
+            raise ValueError(f"logprob_chunk must be an int >= 0, got {self.logprob_chunk!r}")
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
@@ -238,24 +244,28 @@ class Learner:
         return new_state, metrics
 
     def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):
-        logits = response_logits(self.graphdef, params, batch)
-        logp, entropy = losses.token_logprobs(logits, batch.response_tokens, self.temperature)
+        hidden, head, layout = response_hidden(self.graphdef, params, batch, self.memory)
+        ref = None
+        if self.ref_metrics:
+            ref_hidden, ref_head, _ = response_hidden(self.graphdef, ref_params, batch, self.memory)
+            ref = jax.lax.stop_gradient((ref_hidden, ref_head))
+        stats = losses.token_stats(
+            hidden, head, layout, batch.response_tokens, self.temperature, ref=ref,
+            chunk=self.logprob_chunk,
+        )  # fmt: skip
         mask = batch.response_mask.astype(jnp.float32)
         loss, policy_metrics = losses.policy_loss(
-            logp, batch.behaviour_logp, adv, mask, self.algorithm.loss, denominator=denominator
-        )
-        logp = jax.lax.stop_gradient(logp)
+            stats["logp"], batch.behaviour_logp, adv, mask, self.algorithm.loss,
+            denominator=denominator,
+        )  # fmt: skip
+        logp = jax.lax.stop_gradient(stats["logp"])
         sums = {
-            "entropy": losses.masked_sum(jax.lax.stop_gradient(entropy), mask),
+            "entropy": losses.masked_sum(jax.lax.stop_gradient(stats["entropy"]), mask),
             "kl/behaviour": losses.masked_sum(losses.kl_k2(logp, batch.behaviour_logp), mask),
         }
         if self.ref_metrics:
-            ref_logits = jax.lax.stop_gradient(response_logits(self.graphdef, ref_params, batch))
-            ref_logp, _ = losses.token_logprobs(ref_logits, batch.response_tokens, self.temperature)
-            full_kl = losses.full_kl_from_logits(
-                jax.lax.stop_gradient(logits), ref_logits, self.temperature
-            )
+            ref_logp = stats["ref_logp"]
             sums["kl/ref"] = losses.masked_sum(losses.kl_k2(logp, ref_logp), mask)
             sums["kl/ref_k3"] = losses.masked_sum(losses.kl_k3(logp, ref_logp), mask)
-            sums["kl/ref_full"] = losses.masked_sum(full_kl, mask)
+            sums["kl/ref_full"] = losses.masked_sum(jax.lax.stop_gradient(stats["full_kl"]), mask)
         return loss, (policy_metrics, sums)
