@@ -137,6 +137,36 @@ def response_hidden(graphdef, params, batch: TrainBatch, memory: MemoryOptions |
     return hidden[:, prompt_len - 1 : -1], head, layout
 
 
+def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` run in float32 whatever the parameter dtype: its state (AdamW's moments) is float32,
+    gradients and parameters are upcast on the way in and the updates cast back to each
+    parameter's dtype. With float32 parameters (the recommended master copy, with bfloat16
+    compute) every cast is a no-op; with bfloat16 parameters an update smaller than half a
+    bfloat16 ulp of its parameter (|u| < |p| * 2^-9) rounds away when applied."""
+    up = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(up(grads), state, None if params is None else up(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(lambda params: tx.init(up(params)), update)
+
+
+def state_shardings(tx: optax.GradientTransformation, params):
+    """Shardings of `LearnerState(params, tx.init(params), step)` with every optimizer moment
+    placed like its parameter; None (let XLA choose) when `params` are not on a mesh."""
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+    leaves = jax.tree.leaves(shardings)
+    if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in leaves):
+        return None
+    replicated = jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated
+    )
+    return LearnerState(params=shardings, opt_state=opt_shardings, step=replicated)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _jitted_update(learner, state, batch, ref_params, key):
     return learner._update(state, batch, ref_params, key)
@@ -191,12 +221,16 @@ class Learner:
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return self.optimizer.make()
+        return float32_moments(self.optimizer.make())
 
     def init(self, params) -> LearnerState:
-        """A fresh state; jitted so its arrays are placed as `update` returns them (one compile)."""
+        """A fresh state, placed as `update` returns it (one compile of `update`).
+
+        Each optimizer moment is placed like its parameter (under fsdp > 1 sharded like it, not
+        replicated); the step count and other scalars are replicated on the parameters' mesh.
+        """
         make = lambda p: LearnerState(params=p, opt_state=self.tx.init(p), step=jnp.int32(0))
-        return jax.jit(make)(params)
+        return jax.jit(make, out_shardings=state_shardings(self.tx, params))(params)
 
     def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
         """One jitted update -> (state, metrics); `state` is donated.

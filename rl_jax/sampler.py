@@ -35,6 +35,7 @@ from rl_jax.sampling import draw
 _LOG = logging.getLogger(__name__)
 _DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _compile_counter = [0]
+LAYER_COPY_MAX_BYTES = 2**30  # see _generate_program
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -231,14 +232,20 @@ def _generate_program(
     next_key, sample_key = jax.random.split(key)
     row_keys = constrain(_row_keys(sample_key, batch))
     model = nnx.merge(graphdef, params)
-    layers = model.unstacked_layers()  # sliced once here, not at every decode step
+    # Layer weights sliced once here, not at every decode step: faster decode for small models,
+    # but a second copy of the layer weights for the whole call; above 1 GiB of layer weights
+    # each step slices its layers instead (BENCHMARKS.md, "Scale": sampler).
+    layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers)))
+    layers = model.unstacked_layers() if layer_bytes <= LAYER_COPY_MAX_BYTES else None
     cache = jax.tree.map(constrain, model.init_cache(batch, prompt_width + width))
     # Constant over the loop: slots not yet written lie after the query's own slot, and causality
     # hides them; only left padding needs masking.
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, width), prompt_mask.dtype)], 1)
     prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    logits, cache = model.decode(prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers)
+    logits, cache = model.decode(
+        prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers, last_only=True
+    )
     top_p = knobs.top_p if nucleus else None
 
     def emit(carry, logits):

@@ -86,6 +86,8 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         temperature=config.temperature,
         micro_batches=config.micro_batches,
         ref_metrics=config.ref_metrics,
+        memory=config.memory_options(),
+        logprob_chunk=config.logprob_chunk,
     )
     params = jax.device_put(run.params, parallel.param_shardings(run.params, mesh))
     ref_params = params  # the sampler's version 0 shares these buffers; neither is donated
