@@ -154,11 +154,23 @@ def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransform
 
 def state_shardings(tx: optax.GradientTransformation, params):
     """Shardings of `LearnerState(params, tx.init(params), step)` with every optimizer moment
-    placed like its parameter; None (let XLA choose) when `params` are not on a mesh."""
-    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
-    leaves = jax.tree.leaves(shardings)
+    placed like its parameter; None (let XLA choose) when `params` are not on a mesh.
+
+    Specs are written without trailing Nones (`P(None, "fsdp")`, not `P(None, "fsdp", None)`),
+    the form XLA gives the update's outputs: equal placements must also compare equal, or the
+    second update would compile again.
+    """
+    leaves = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
     if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in leaves):
         return None
+
+    def canonical(s):
+        spec = list(s.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
+
+    shardings = jax.tree.map(lambda x: canonical(x.sharding), params)
     replicated = jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
     opt_state = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(
