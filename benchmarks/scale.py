@@ -52,15 +52,30 @@ _SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ((?:\w+)\[[\d,]*\])")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 
 
-def recommended(num_params: int, devices: int, fsdp: int) -> dict:
-    """The README's settings for the paper's GSM8K step at this size (BENCHMARKS.md, "Scale")."""
-    settings = {
-        "dtype": "bfloat16", "param_dtype": "float32", "remat": "full",
-        "attention": "chunked", "logprob_chunk": 128,
-    }  # fmt: skip
-    rows_per_device_piece = 96 if devices // fsdp * fsdp == devices and devices >= 8 else 48
-    settings["micro_batches_rows"] = rows_per_device_piece
-    return settings
+# The README's settings ("Accelerators") for the paper's GSM8K step and the MATH setup, with the
+# micro-batches per machine: (preset, devices) -> micro_batches. Elsewhere: pieces of at most
+# 16,384 tokens per device, the TPU v5e-8 setting (12 rows of 1,280 tokens).
+RECOMMENDED = {
+    "dtype": "bfloat16", "param_dtype": "float32", "remat": "full", "attention": "chunked",
+    "logprob_chunk": 128,
+}  # fmt: skip
+MICRO_BATCHES = {
+    ("qwen2.5-1.5b-instruct", 8): 8,  # TPU v5e-8, 16 GiB per chip
+    ("qwen2.5-1.5b-instruct", 1): 16,  # one 80 GiB GPU
+    ("llama-3.1-8b", 8): 2,  # eight 80 GiB GPUs
+}
+_TOKENS_PER_PIECE = 16384
+
+
+def recommended_micro_batches(name: str, rows: int, seq_len: int, devices: int) -> int:
+    if (name, devices) in MICRO_BATCHES:
+        return MICRO_BATCHES[name, devices]
+    pieces = 1
+    while rows % (2 * pieces * devices) == 0 and rows // (pieces * devices) * seq_len > (
+        _TOKENS_PER_PIECE
+    ):
+        pieces *= 2
+    return pieces
 
 
 def resolve_model(name: str) -> str:
@@ -183,13 +198,12 @@ def main(argv=None) -> int:
     if jax.device_count() != args.devices:
         raise SystemExit(f"{jax.device_count()} devices, not {args.devices}: run as a script")
     args.fsdp = args.fsdp or args.devices
-    base = get_config(name)
-    defaults = recommended(base.num_params, args.devices, args.fsdp)
-    for field in ("dtype", "param_dtype", "remat", "attention", "logprob_chunk"):
+    for field, value in RECOMMENDED.items():
         if getattr(args, field) is None:
-            setattr(args, field, defaults[field])
+            setattr(args, field, value)
     if args.micro_batches is None:
-        args.micro_batches = max(1, args.rows // (defaults["micro_batches_rows"] * args.devices))
+        seq_len = args.prompt_len + args.response_len
+        args.micro_batches = recommended_micro_batches(name, args.rows, seq_len, args.devices)
     config = get_config(name, dtype=args.dtype, param_dtype=args.param_dtype)
     mesh = parallel.make_mesh(args.fsdp)
     info = {

@@ -231,7 +231,16 @@ def _generate_program(
     constrain = _batch_constraint(mesh)
     next_key, sample_key = jax.random.split(key)
     row_keys = constrain(_row_keys(sample_key, batch))
-    model = nnx.merge(graphdef, params)
+    # Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute) are
+    # cast once here: every use casts them anyway, so the results are the same bit for bit, and
+    # the copies XLA keeps for the loop (sliced layers, all-gathered fsdp shards) are half size.
+    compute = jnp.dtype(nnx.merge(graphdef, params).config.dtype)
+    narrow = lambda x: (
+        x.astype(compute)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > compute.itemsize
+        else x
+    )
+    model = nnx.merge(graphdef, jax.tree.map(narrow, params))
     # Layer weights sliced once here, not at every decode step: faster decode for small models,
     # but a second copy of the layer weights for the whole call; above 1 GiB of layer weights
     # each step slices its layers instead (BENCHMARKS.md, "Scale": sampler).
@@ -244,8 +253,9 @@ def _generate_program(
     prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
     logits, cache = model.decode(
-        prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers, last_only=True
-    )
+        prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers, last_only=True,
+        kv_len=prompt_width,
+    )  # fmt: skip
     top_p = knobs.top_p if nucleus else None
 
     def emit(carry, logits):

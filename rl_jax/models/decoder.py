@@ -347,7 +347,7 @@ class Decoder(nnx.Module):
 
     def decode(
         self, tokens, positions, cache: KVCache, cache_index, cache_mask, layers=None,
-        last_only: bool = False,
+        last_only: bool = False, kv_len: int | None = None,
     ):  # fmt: skip
         """Run `tokens` `[batch, T]` against `cache`; see `rl_jax.models.decode`.
 
@@ -355,12 +355,17 @@ class Decoder(nnx.Module):
         `unstacked_layers`) lets a caller that decodes in a loop slice the stacked parameters
         once, outside the loop, instead of at every step. `last_only` projects only the last
         position onto the vocabulary (logits `[batch, 1, vocab]`: what a prefill needs).
+        `kv_len` (static) attends to the first `kv_len` slots only, which must hold every slot
+        up to `cache_index + T - 1`: a prefill from slot 0 passes T and scores `[T, T]` instead
+        of `[T, max_len]` per head.
         """
         steps = tokens.shape[1]
         max_len = cache.v[0].shape[2]
         slots = cache_index + jnp.arange(steps, dtype=jnp.int32)  # [T]
         causal = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, max_len]
         allowed = causal[None] & (cache_mask[:, None, :] > 0)  # [batch, T, max_len]
+        kv_len = kv_len or max_len
+        allowed = allowed[:, :, :kv_len]
         dtype = self.config.dtype
         zero = jnp.int32(0)
         x = self._embed(tokens)
@@ -373,7 +378,8 @@ class Decoder(nnx.Module):
             v = jax.lax.dynamic_update_slice(
                 v, new_v.transpose(0, 2, 1, 3).astype(v.dtype), (zero, zero, cache_index, zero)
             )
-            x = block.finish(x, attend_cache(q, k_t.astype(dtype), v.astype(dtype), allowed))
+            k_read, v_read = k_t[..., :kv_len].astype(dtype), v[:, :, :kv_len].astype(dtype)
+            x = block.finish(x, attend_cache(q, k_read, v_read, allowed))
             keys.append(k_t)
             values.append(v)
         if last_only:
