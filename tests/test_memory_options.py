@@ -184,3 +184,26 @@ def test_bad_values_fail_before_compiling():
     ]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             config.TrainConfig(**{field: value})
+
+
+def test_dtypes_reach_the_model_from_hf_and_warm_start(tmp_path):
+    """HF loading converts to param_dtype while reading; build's warm-start path recasts."""
+    from rl_jax import build
+
+    tiny_config = dataclasses.replace(models.get_config("tiny"), vocab_size=VOCAB)
+    model = models.init_model(tiny_config, 0)
+    models.save_hf_checkpoint(tmp_path, tiny_config, model)
+    loaded_config, loaded = models.load_hf_checkpoint(
+        tmp_path, dtype="bfloat16", param_dtype="bfloat16"
+    )
+    assert (loaded_config.dtype, loaded_config.param_dtype) == ("bfloat16", "bfloat16")
+    leaves = jax.tree.leaves(nnx.state(loaded))
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+    run_config = config.TrainConfig(compute_dtype="bfloat16", param_dtype="bfloat16")
+    new_config, recast = build._with_dtypes(tiny_config, model, run_config)
+    assert new_config.dtype == "bfloat16" and recast.config.param_dtype == "bfloat16"
+    want = [x.astype(jnp.bfloat16) for x in jax.tree.leaves(nnx.state(model))]
+    for a, b in zip(jax.tree.leaves(nnx.state(recast)), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    assert recast(tokens).dtype == jnp.float32  # logits stay float32
