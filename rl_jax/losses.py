@@ -420,9 +420,10 @@ def token_stats(
         entropy  = -sum_v p_v log p_v               (p = softmax(z / T), stop-gradient)
 
     and with `ref = (ref_hidden, ref_head)` (same layout, stop-gradient) and q = softmax(z_ref / T):
-    `ref_logp` = log q_y and `full_kl` = sum_v p_v (log p_v - log q_v), the values of
-    `token_logprobs` and `full_kl_from_logits` on the full logits. The target logit z_y is the
-    dot product of h with the unembedding of y, so the gradient of logp has no dense one-hot.
+    `ref_logp` = log q_y (by logp's formula) and `full_kl` = sum_v p_v (log p_v - log q_v), the
+    values of `token_logprobs` and `full_kl_from_logits` on the full logits. The target logit
+    z_y is the dot product of h with the unembedding of y, so the gradient of logp has no dense
+    one-hot.
     With `chunk` > 0 (and < T) the positions go in blocks of `chunk` through a `lax.map` of
     `jax.checkpoint`-ed blocks: no `[rows, T, vocab]` array is ever live, and the backward
     pass recomputes one block's logits at a time. `chunk = 0`: one block, no recomputation.
@@ -445,18 +446,21 @@ def token_stats(
     def logits(h, w):
         return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
 
+    def target_logp(h, w, z, y):
+        target = jnp.einsum(
+            dot_spec, h, jnp.take(w, y, axis=gather_axis), preferred_element_type=jnp.float32
+        )
+        return target / temperature - jax.nn.logsumexp(z / temperature, axis=-1)
+
     def block(h, y, h_ref):
         z = logits(h, head)
-        target = jnp.einsum(
-            dot_spec, h, jnp.take(head, y, axis=gather_axis), preferred_element_type=jnp.float32
-        )
-        logp = target / temperature - jax.nn.logsumexp(z / temperature, axis=-1)
         log_p = _log_softmax(jax.lax.stop_gradient(z), temperature)
-        out = {"logp": logp, "entropy": _entropy_from_log_probs(log_p)}
+        out = {"logp": target_logp(h, head, z, y), "entropy": _entropy_from_log_probs(log_p)}
         if h_ref is not None:
-            log_q = _log_softmax(logits(h_ref, ref_head), temperature)
-            out["ref_logp"] = jnp.take_along_axis(log_q, y[..., None], axis=-1)[..., 0]
-            out["full_kl"] = _full_kl(log_p, log_q)
+            # The same formula as logp, so the initial policy's kl/ref is exactly 0.
+            z_ref = logits(h_ref, ref_head)
+            out["ref_logp"] = target_logp(h_ref, ref_head, z_ref, y)
+            out["full_kl"] = _full_kl(log_p, _log_softmax(z_ref, temperature))
         return out
 
     targets = targets.astype(jnp.int32)

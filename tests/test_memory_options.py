@@ -138,6 +138,11 @@ def test_learner_options_equal_default(tiny, memory, chunk):
     entropy = losses.entropy_from_logits(logits)
     mask = batch.response_mask
     _close(metrics["entropy"], (entropy * mask).sum(), "entropy vs full logits")
+    # Scored by the reference itself: 0 (exactly on the default path, test_train; up to
+    # rounding where recomputation lets XLA fuse the two forwards differently: 1e-13 seen).
+    _, at_ref, _ = _loss_and_grads(learner, params, params)
+    for name in ("kl/ref", "kl/ref_k3", "kl/ref_full"):
+        assert abs(float(at_ref[name])) < 1e-9, name
 
 
 def test_bfloat16_steps_finite_with_float32_moments(tiny):
