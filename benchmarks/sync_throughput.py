@@ -5,7 +5,7 @@
 
 With `sync_interval = k` the sampler's parameters cannot change for k steps, so `rl_jax.train`
 generates the batches of those k steps in one call (`SyncSchedule.window`, up to the
-`window_cap_gib` of KV cache). For each workload and interval the same seed runs
+`window_cap_gib` of KV cache, `--window-cap-gib`, default 4). For each workload and interval the same seed runs
 `(blocks + 1) * 20` steps through `rl_jax.train.HostSide.step`; the first 20 (which compile
 every program) are not timed. Reported over the timed steps: sampling throughput (rollout
 tokens per second of sampling time), whole steps per second, the sample / learn seconds per
@@ -61,9 +61,11 @@ class AdditionTask:
         return rl_step.addition_reward(completion, example.answer)
 
 
-def workload(name: str, interval: int, steps: int, out: pathlib.Path):
+def workload(name: str, interval: int, steps: int, cap: float, out: pathlib.Path):
     """(config, run) of a workload at `interval`."""
-    fields = dict(sync_interval=interval, steps=steps, eval_every=0, checkpoint_every=0)
+    fields = dict(
+        sync_interval=interval, steps=steps, eval_every=0, checkpoint_every=0, window_cap_gib=cap
+    )
     if name == "embedded":
         config = config_lib.build("embedded", **fields, out_dir=str(out))
         return config, build.build_run(config)
@@ -78,9 +80,9 @@ def workload(name: str, interval: int, steps: int, out: pathlib.Path):
     return config, run
 
 
-def measure(name: str, interval: int, blocks: int, out: pathlib.Path) -> dict:
+def measure(name: str, interval: int, blocks: int, cap: float, out: pathlib.Path) -> dict:
     steps = (blocks + 1) * BLOCK
-    config, run = workload(name, interval, steps, out)
+    config, run = workload(name, interval, steps, cap, out)
     mesh = parallel.make_mesh(1)
     window = generation_window(config, run)
     host = HostSide(config, run, make_step(config, run, mesh), mesh, window_size=window)
@@ -113,6 +115,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=("embedded", "reference", "both"), default="both")
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--blocks", type=int, default=2, help="timed blocks of 20 steps")
+    parser.add_argument(
+        "--window-cap-gib", type=float, default=4.0, help="the runs' window_cap_gib (0: no windows)"
+    )
     args = parser.parse_args()
     if any(BLOCK % k for k in args.intervals):
         parser.error(f"every interval must divide {BLOCK}")
@@ -121,7 +126,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             for k in args.intervals:
-                results.append(measure(name, k, args.blocks, pathlib.Path(tmp) / f"{name}_{k}"))
+                out = pathlib.Path(tmp) / f"{name}_{k}"
+                results.append(measure(name, k, args.blocks, args.window_cap_gib, out))
     print("workload   interval window  sample tok/s  (x k=1)  steps/s  (x k=1)  sample s  learn s")
     for r in results:
         base = next(b for b in results if b["workload"] == r["workload"])

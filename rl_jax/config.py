@@ -74,7 +74,9 @@ class TrainConfig:
     ref_metrics: log KL to the initial policy (one extra forward pass per step).
     fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
     window_cap_gib: KV-cache GiB per device one generate call may use: the sampler generates
-      the batches of up to sync_interval steps (same policy version) in one call within it.
+      the batches of up to sync_interval steps (same policy version) in one call within it;
+      0 (the default) generates step by step. On this project's 2-core CPU a window is slower
+      (decode is memory-bound past ~128 rows; BENCHMARKS.md, "Sync throughput").
     compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
       optimizer moments stay float32); remat: "none" | "full" | "save-dots" recomputation of
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
@@ -111,7 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     ref_metrics: bool = True
     fsdp: int = 1
-    window_cap_gib: float = 1.0
+    window_cap_gib: float = 0.0
     # Memory and precision at scale (issue 12); validated by _check_memory.
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -140,8 +142,10 @@ class TrainConfig:
             raise ValueError(
                 f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        if not self.window_cap_gib > 0:
-            raise ValueError(f"window_cap_gib must be > 0, got {self.window_cap_gib}")
+        if not self.window_cap_gib >= 0:
+            raise ValueError(
+                f"window_cap_gib must be >= 0 (0 = no windows), got {self.window_cap_gib}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -76,7 +76,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
 
 def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:
     """Steps per generate call: the largest divisor of `sync_interval` (at most `steps`) whose
-    window's float32 KV cache fits `window_cap_gib` per device; 1 on-policy.
+    window's float32 KV cache fits `window_cap_gib` per device; 1 on-policy or with a cap of 0.
 
     One step's cache is rows * num_seeds * (prompt + response) positions of 2 * num_layers *
     num_kv_heads * head_dim floats, its rows split over all devices.

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rl_jax import algorithms, config, losses, models
-from rl_jax.learner import Learner, float32_moments, state_shardings
+from rl_jax.learner import Learner, float32_moments, make_optimizer, state_shardings
 from rl_jax.models import MemoryOptions
 from rl_jax.models.decoder import attend, attend_chunked, attend_dot_product
 from tests.test_learner import VOCAB, G, make_batch, response_logits
@@ -165,7 +165,8 @@ def test_bfloat16_steps_finite_with_float32_moments(tiny):
 
 
 def test_float32_moments_is_adamw_for_float32_params():
-    tx = float32_moments(learner_tx := Learner(None, algorithms.get("grpo")).optimizer.make())
+    learner_tx = make_optimizer(Learner(None, algorithms.get("grpo")).optimizer)
+    tx = float32_moments(learner_tx)
     params = {"w": jnp.arange(6.0).reshape(2, 3)}
     grads = {"w": jnp.ones((2, 3)) * 0.3}
     a, _ = tx.update(grads, tx.init(params), params)
