@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import groups, losses
+from rl_jax import groups, logprobs, losses
 from rl_jax.algorithms import Algorithm
 from rl_jax.config import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -182,7 +182,7 @@ class Learner:
       micro_batches: gradient-accumulation pieces per update; must divide the batch.
       ref_metrics: compute the KL-to-reference metrics (one extra forward pass per update).
       memory: layer recomputation and attention implementation (`rl_jax.models.MemoryOptions`).
-      logprob_chunk: response positions per block of `losses.token_stats` (0 = one block).
+      logprob_chunk: response positions per block of `logprobs.token_stats` (0 = one block).
     """
 
     graphdef: Any
@@ -273,7 +273,7 @@ class Learner:
         if self.ref_metrics:
             ref_hidden, ref_head, _ = response_hidden(self.graphdef, ref_params, batch, self.memory)
             ref = jax.lax.stop_gradient((ref_hidden, ref_head))
-        stats = losses.token_stats(
+        stats = logprobs.token_stats(
             hidden, head, layout, batch.response_tokens, self.temperature, ref=ref,
             chunk=self.logprob_chunk,
         )  # fmt: skip

@@ -6,7 +6,7 @@ With logits z ([vocab]), temperature T and the truncation set S kept by top-k / 
     sampled_logp     = log softmax(z / T restricted to S)[y]      (what y was drawn from)
 
 `tempered_log_softmax` is log softmax(z / T) in float32: the sampler records with it and the
-learner (`rl_jax.losses.token_logprobs`) and the warm start score with it, so an on-policy ratio
+learner (`rl_jax.logprobs.token_logprobs`) and the warm start score with it, so an on-policy ratio
 is exactly 1. `draw` is the traced form the compiled generation loop uses (everything but the
 top-k width may be traced); `sample_tokens`, `truncated_logits` and `sampling_logprobs` take a
 `SamplingConfig` so tests can redraw or rescore outside the loop.

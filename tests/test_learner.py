@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rl_jax import algorithms, losses, models
+from rl_jax import algorithms, logprobs, models
 from rl_jax.learner import Learner, TrainBatch
 from rl_jax.sampler import Rollout
 
@@ -106,7 +106,7 @@ def test_metrics_before_update(policy, updates):
     # The learner starts at the reference policy: every KL to it is 0 at the first step.
     for name in ("kl/ref", "kl/ref_k3", "kl/ref_full"):
         assert abs(float(metrics[name])) < 1e-6, name
-    logp, _ = losses.token_logprobs(logits, batch.response_tokens)
+    logp, _ = logprobs.token_logprobs(logits, batch.response_tokens)
     expected = (0.5 * (logp - batch.untruncated_logp) ** 2 * mask).sum() / mask.sum()
     np.testing.assert_allclose(metrics["kl/behaviour"], expected, rtol=1e-5)
     assert metrics["num_tokens"] == mask.sum()
@@ -116,7 +116,7 @@ def test_on_policy_ratio_is_one(policy, updates):
     graphdef, params = policy
     batch = make_batch()
     logits = response_logits(graphdef, params, batch)
-    logp, _ = losses.token_logprobs(logits, batch.response_tokens)
+    logp, _ = logprobs.token_logprobs(logits, batch.response_tokens)
     batch = batch.replace(untruncated_logp=logp)
     learner = Learner(graphdef, algorithms.get("grpo"), group_size=G)  # compiled by `updates`
     state = learner.init(jax.tree.map(jnp.copy, params))

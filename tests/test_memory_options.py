@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rl_jax import algorithms, config, losses, models
+from rl_jax import algorithms, config, logprobs, losses, models
 from rl_jax.learner import Learner, float32_moments, make_optimizer, state_shardings
 from rl_jax.models import MemoryOptions
-from rl_jax.models.decoder import attend, attend_chunked, attend_dot_product
+from rl_jax.models.attention import attend, attend_chunked, attend_dot_product
 from tests.test_learner import VOCAB, G, make_batch, response_logits
 
 RTOL = 1e-5
@@ -39,14 +39,14 @@ def test_token_stats_equal_full_logits(layout, chunk):
 
     def expected(h, w):
         logits, ref_logits = jnp.einsum(spec, h, w), jnp.einsum(spec, ref_hidden, ref_head)
-        logp, entropy = losses.token_logprobs(logits, targets, temp)
-        ref_logp, _ = losses.token_logprobs(ref_logits, targets, temp)
-        kl = losses.full_kl_from_logits(logits, ref_logits, temp)
+        logp, entropy = logprobs.token_logprobs(logits, targets, temp)
+        ref_logp, _ = logprobs.token_logprobs(ref_logits, targets, temp)
+        kl = logprobs.full_kl_from_logits(logits, ref_logits, temp)
         return {"logp": logp, "entropy": entropy, "ref_logp": ref_logp, "full_kl": kl}
 
     def chunked(h, w):
         ref = (ref_hidden, ref_head)
-        return losses.token_stats(h, w, layout, targets, temp, ref=ref, chunk=chunk)
+        return logprobs.token_stats(h, w, layout, targets, temp, ref=ref, chunk=chunk)
 
     want, got = expected(hidden, head), jax.jit(chunked)(hidden, head)
     assert set(got) == set(want)
@@ -62,12 +62,12 @@ def test_token_stats_equal_full_logits(layout, chunk):
 
 def test_token_stats_without_ref_and_bad_values():
     hidden, head = jnp.ones((2, 4, 8)), jnp.ones((10, 8))
-    out = losses.token_stats(hidden, head, "vd", jnp.zeros((2, 4), jnp.int32), chunk=2)
+    out = logprobs.token_stats(hidden, head, "vd", jnp.zeros((2, 4), jnp.int32), chunk=2)
     assert set(out) == {"logp", "entropy"}
     with pytest.raises(ValueError, match="head_layout"):
-        losses.token_stats(hidden, head, "dd", jnp.zeros((2, 4), jnp.int32))
+        logprobs.token_stats(hidden, head, "dd", jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="chunk"):
-        losses.token_stats(hidden, head, "vd", jnp.zeros((2, 4), jnp.int32), chunk=-1)
+        logprobs.token_stats(hidden, head, "vd", jnp.zeros((2, 4), jnp.int32), chunk=-1)
 
 
 def test_attention_variants_equal_xla():
@@ -135,7 +135,7 @@ def test_learner_options_equal_default(tiny, memory, chunk):
         np.testing.assert_allclose(g, want, rtol=RTOL, atol=1e-7)
     batch = make_batch()
     logits = response_logits(graphdef, params, batch)
-    entropy = losses.entropy_from_logits(logits)
+    entropy = logprobs.entropy_from_logits(logits)
     mask = batch.response_mask
     _close(metrics["entropy"], (entropy * mask).sum(), "entropy vs full logits")
     # Scored by the reference itself: 0 (exactly on the default path, test_train; up to

@@ -114,13 +114,14 @@ def test_notebooks_share_one_setup_cell_and_repo_url():
 
 
 def test_algorithms_doc_covers_every_preset_and_names_real_functions():
-    from rl_jax import advantages, algorithms, learner, losses, sync
+    from rl_jax import advantages, algorithms, learner, logprobs, losses, sync
 
     doc = (ROOT / "docs" / "algorithms.md").read_text()
     for name in algorithms.names():
         assert f"`{name}`" in doc, name
     modules = {
         "rl_jax/losses.py": losses,
+        "rl_jax/logprobs.py": logprobs,
         "rl_jax/advantages.py": advantages,
         "rl_jax/algorithms.py": algorithms,
         "rl_jax/learner.py": learner,

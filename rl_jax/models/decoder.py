@@ -8,8 +8,9 @@
 Layers are stacked on a leading axis. A full forward runs them with `lax.scan` (one compiled
 layer body for any depth); a cached decode runs them unrolled, each against its own cache buffer
 (`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
-(num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2). Masked scores take a
-large finite negative value, so rows with nothing to attend to (left padding) stay finite.
+(num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2); its kernels live in
+`rl_jax.models.attention`. Masked scores take a large finite negative value, so rows with
+nothing to attend to (left padding) stay finite.
 Parameters are stored in `config.param_dtype` and cast to the compute dtype `config.dtype` where
 used; logits are float32. `Decoder.hidden_states` takes `MemoryOptions` (layer recomputation,
 attention implementation) for differentiated forwards at scale.
@@ -27,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rl_jax.models.attention import attend, attend_cache, attend_chunked, attend_dot_product
 from rl_jax.models.config import ModelConfig
 
-_MASK_VALUE = -1e30  # finite: a fully masked row softmaxes to uniform instead of NaN
 _INIT_STD = 0.02
 
 
@@ -77,49 +78,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return rotated.astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d) masked by `allowed`) v with grouped KV heads.
-
-    q `[batch, q_len, heads, d]`, k/v `[batch, kv_len, kv_heads, d]`, allowed
-    `[batch, q_len, kv_len]` bool -> `[batch, q_len, heads, d]`. Query head h reads KV head
-    h // (heads / kv_heads). Scores and softmax are float32.
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim)
-
-
-def attend_chunked(q, k, v, allowed, chunk: int) -> jax.Array:
-    """`attend` over blocks of `chunk` queries, each under `jax.checkpoint`.
-
-    Every query row's softmax is independent, so the result equals `attend` up to matmul
-    rounding; the backward pass recomputes one block's `[batch, heads, chunk, kv_len]` scores at
-    a time instead of keeping `[batch, heads, q_len, kv_len]` float32. Queries are padded to a
-    multiple of `chunk` (padded rows attend to nothing, stay finite and are dropped).
-    """
-    q_len = q.shape[1]
-    pad = -q_len % chunk
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
-    blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
-    block = jax.checkpoint(lambda qa: attend(qa[0], k, v, qa[1]), prevent_cse=False)
-    out = jax.lax.map(block, (blocks(q), blocks(allowed)))  # [blocks, batch, chunk, heads, d]
-    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])
-    return out[:, :q_len]
-
-
-def attend_dot_product(q, k, v, allowed) -> jax.Array:
-    """`attend` by `jax.nn.dot_product_attention` (implementation=None: cuDNN's fused flash
-    attention on GPU where it applies, which keeps no `[heads, q_len, kv_len]` probabilities for
-    the backward pass; XLA elsewhere). Same shapes and grouped KV heads as `attend`."""
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
-
-
 ATTENTION = ("xla", "chunked", "dot_product")
 # Recomputation of each decoder layer in the backward pass (`jax.checkpoint` policies).
 REMAT_POLICIES = {
@@ -156,24 +114,6 @@ class MemoryOptions:
         if self.attention == "dot_product":
             return attend_dot_product(q, k, v, allowed)
         return attend(q, k, v, allowed)
-
-
-def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """`attend` over a KV cache: the same softmax(q k^T / sqrt(d)) v with grouped KV heads.
-
-    q `[batch, q_len, heads, d]`, k_t `[batch, kv_heads, d, kv_len]` (keys transposed), v
-    `[batch, kv_heads, kv_len, d]`, allowed `[batch, q_len, kv_len]` -> `[batch, q_len, heads,
-    d]`. Both products contract a cache operand along its major axis, so XLA:CPU runs them as
-    plain batched matmuls with no transposing copy of the cache.
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k_t.shape[1]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
 class Dense(nnx.Module):
@@ -448,7 +388,7 @@ def forward_hidden(
     """Pure `Decoder.hidden_states` -> (hidden `[batch, seq, d]`, W_head, its layout).
 
     `forward` = `hidden @ W_head` in float32; callers that need only some positions' logits
-    (the learner's response positions) project those themselves (`losses.token_stats`).
+    (the learner's response positions) project those themselves (`logprobs.token_stats`).
     """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(tokens, None, attention_mask, memory)

@@ -1,0 +1,87 @@
+"""Grouped-query attention of the decoder, in the four forms it runs.
+
+With q `[batch, q_len, heads, d]`, k, v `[batch, kv_len, kv_heads, d]` (query head h reads KV
+head h // (heads / kv_heads)) and a boolean `allowed` `[batch, q_len, kv_len]`:
+
+    Attn(q, k, v) = softmax(q k^T / sqrt(d) + mask) v,   mask = 0 where allowed, else -1e30
+
+  * `attend`: the formula as written; scores and softmax in float32.
+  * `attend_chunked`: the same over blocks of query rows, each block under `jax.checkpoint`
+    (every row's softmax is independent, so only one block's scores live in the backward pass).
+  * `attend_dot_product`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it
+    applies, XLA elsewhere).
+  * `attend_cache`: the formula against one layer of a `decoder.KVCache`, whose keys are stored transposed
+    (k^T `[batch, kv_heads, d, kv_len]`), so q k^T is a plain matrix product.
+
+The mask value is large and finite, so a row with nothing to attend to (left padding) softmaxes
+to uniform instead of NaN. `decoder.MemoryOptions` picks among the first three for a
+differentiated forward; a cached decode uses `attend_cache`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -1e30  # finite: a fully masked row softmaxes to uniform instead of NaN
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d) masked by `allowed`) v with grouped KV heads.
+
+    q `[batch, q_len, heads, d]`, k/v `[batch, kv_len, kv_heads, d]`, allowed
+    `[batch, q_len, kv_len]` bool -> `[batch, q_len, heads, d]`. Query head h reads KV head
+    h // (heads / kv_heads). Scores and softmax are float32.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+def attend_chunked(q, k, v, allowed, chunk: int) -> jax.Array:
+    """`attend` over blocks of `chunk` queries, each under `jax.checkpoint`.
+
+    Every query row's softmax is independent, so the result equals `attend` up to matmul
+    rounding; the backward pass recomputes one block's `[batch, heads, chunk, kv_len]` scores at
+    a time instead of keeping `[batch, heads, q_len, kv_len]` float32. Queries are padded to a
+    multiple of `chunk` (padded rows attend to nothing, stay finite and are dropped).
+    """
+    q_len = q.shape[1]
+    pad = -q_len % chunk
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
+    blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+    block = jax.checkpoint(lambda qa: attend(qa[0], k, v, qa[1]), prevent_cse=False)
+    out = jax.lax.map(block, (blocks(q), blocks(allowed)))  # [blocks, batch, chunk, heads, d]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])
+    return out[:, :q_len]
+
+
+def attend_dot_product(q, k, v, allowed) -> jax.Array:
+    """`attend` by `jax.nn.dot_product_attention` (implementation=None: cuDNN's fused flash
+    attention on GPU where it applies, which keeps no `[heads, q_len, kv_len]` probabilities for
+    the backward pass; XLA elsewhere). Same shapes and grouped KV heads as `attend`."""
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
+
+
+def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """`attend` over a KV cache: the same softmax(q k^T / sqrt(d)) v with grouped KV heads.
+
+    q `[batch, q_len, heads, d]`, k_t `[batch, kv_heads, d, kv_len]` (keys transposed), v
+    `[batch, kv_heads, kv_len, d]`, allowed `[batch, q_len, kv_len]` -> `[batch, q_len, heads,
+    d]`. Both products contract a cache operand along its major axis, so XLA:CPU runs them as
+    plain batched matmuls with no transposing copy of the cache.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k_t.shape[1]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
