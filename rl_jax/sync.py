@@ -50,13 +50,13 @@ class SyncSchedule:
         """(k - 1) - v(k): how many learner updates the behaviour policy is behind."""
         return step - 1 - self.version_for_step(step)
 
-    def snapshot_due(self, step: int, total_steps: int) -> bool:
-        """Whether version `step` (the learner after step k) will be sampled from at a later step."""
-        return (
-            step % self.interval == 0
-            and step < total_steps
-            and self.version_for_step(total_steps) >= step
-        )
+    def snapshot_due(self, step: int) -> bool:
+        """Whether version `step` (the learner after step k) is kept for the sampler.
+
+        Every multiple of the interval, the last step of a run included: a finished run can be
+        extended with more steps, which sample from versions the shorter run never needed.
+        """
+        return step % self.interval == 0
 
     @property
     def num_slots(self) -> int:

@@ -32,15 +32,17 @@ def test_offset_10_holds_staleness_10():
 def test_offline_is_version_zero():
     s = SyncSchedule(10_000, 0)
     assert set(versions(s, 400)) == {0}
-    assert not any(s.snapshot_due(k, 400) for k in range(1, 401))
+    assert not any(s.snapshot_due(k) for k in range(1, 401))
 
 
-def test_snapshots_due_exactly_for_versions_used_later():
+def test_snapshots_due_for_every_version_a_longer_run_uses():
     for interval, offset, total in [(1, 0, 30), (20, 0, 100), (1, 10, 40), (4, 6, 50)]:
         s = SyncSchedule(interval, offset)
-        used = set(versions(s, total)) - {0}
-        due = {k for k in range(1, total + 1) if s.snapshot_due(k, total)}
-        assert due == used, (interval, offset)
+        due = {k for k in range(1, total + 1) if s.snapshot_due(k)}
+        assert due == set(range(interval, total + 1, interval)), (interval, offset)
+        # The run extended after its last step samples from versions up to `total`.
+        extended = total + offset + 1
+        assert set(versions(s, extended)) - {0} == due, (interval, offset)
 
 
 def test_pending_snapshots_fifo_within_slots():
@@ -54,7 +56,7 @@ def test_pending_snapshots_fifo_within_slots():
             taken, pending = pending.take(v)
             np.testing.assert_array_equal(taken["w"], np.full((2,), v, np.float32))
             held = v
-        if s.snapshot_due(k, 40):
+        if s.snapshot_due(k):
             pending = pending.push(k, {"w": jnp.full((2,), k, jnp.float32)})
     with pytest.raises(KeyError, match="never snapshotted"):
         pending.take(3)
