@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, parallel
+from rl_jax import build, guards, parallel
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer
 from rl_jax.learner import Learner, LearnerState, TrainBatch
@@ -107,7 +107,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         print(f"resuming {out} from step {start}", flush=True)
     metrics_log = []
     with MetricsWriter(out, config.steps, resume_step=start) as writer:
-        if start == 0 and config.eval_every:
+        if start == 0 and config.evaluates_at(0):
             writer.write(
                 0, {"eval/reward": evaluate(run, learner, state["learner"], sampling, config)}
             )
@@ -115,7 +115,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
             state, metrics = train_step(
                 run, learner, state, sampling, mesh, ref_params, step, config
             )
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            if config.evaluates_at(step):
                 metrics["eval/reward"] = evaluate(run, learner, state["learner"], sampling, config)
             writer.write(step, metrics)
             metrics_log.append({"step": step, **metrics})
@@ -149,6 +149,7 @@ def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
     rewards = np.array(
         [run.task.reward(t, ex) for t, ex in zip(texts, grouped, strict=True)], np.float32
     )
+    guards.check_rewards(rewards, texts, [ex.prompt for ex in grouped])
     t1 = time.perf_counter()
 
     batch = TrainBatch.from_rollout(rollout, parallel.shard_batch(rewards, mesh))
@@ -157,9 +158,10 @@ def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
         state["learner"], batch, ref_params if config.ref_metrics else None, learner_key
     )
     learner_metrics = {k: float(v) for k, v in jax.device_get(learner_metrics).items()}
+    guards.check_update(step, learner_metrics)
     t2 = time.perf_counter()
 
-    if schedule.snapshot_due(step, config.steps):
+    if schedule.snapshot_due(step):
         pending = pending.push(step, learner_state.params)
     num_tokens = float(np.asarray(rollout.response_length).sum())
     metrics = rollout_metrics(rollout, rewards, step, run.max_response_len)
