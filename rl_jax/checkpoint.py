@@ -168,6 +168,22 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints in `directory` (named by their step), oldest first.
+
+    Reads the directory listing only: usable without a `Checkpointer`, which creates directories.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in directory.iterdir() if entry.name.isdigit())
+
+
+def read_meta(directory: str | os.PathLike, step: int) -> dict:
+    """The meta item of the checkpoint of `step`, read as plain JSON (OSError, ValueError)."""
+    return json.loads((pathlib.Path(directory) / str(step) / META_ITEM / "metadata").read_text())
+
+
 def _interrupted_saves(directory: pathlib.Path) -> list[str]:
     """Names of temporary directories that interrupted saves left behind."""
     if not directory.is_dir():

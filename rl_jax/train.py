@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -24,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, guards, parallel
+from rl_jax import build, guards, parallel, run_dir
 from rl_jax import config as config_lib
-from rl_jax.checkpoint import Checkpointer
+from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner, LearnerState, TrainBatch
 from rl_jax.metrics import MetricsWriter
 from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate
@@ -62,12 +63,12 @@ def rollout_metrics(rollout: Rollout, rewards: np.ndarray, step: int, cap: int) 
 
 def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) one training run; returns its final states and metrics."""
+    mesh = parallel.make_mesh(config.fsdp)
+    run_dir.check_resume(config)  # refuses another run's out_dir or fewer steps; writes nothing
     run = build.build_run(config)
     out = pathlib.Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json())
+    out.mkdir(parents=True, exist_ok=True)  # the first write into out_dir
     schedule = config.sync_schedule()
-    mesh = parallel.make_mesh(config.fsdp)
     sampling = SamplingConfig(
         eos_id=run.tokenizer.eos_id,
         pad_id=run.tokenizer.pad_id,
@@ -97,7 +98,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         "pending": PendingSnapshots.empty(params, schedule.num_slots),
     }
     checkpointer = Checkpointer(
-        out / "checkpoints", save_every=config.checkpoint_every or config.steps,
+        out / run_dir.CHECKPOINT_DIR, save_every=config.checkpoint_every or config.steps,
         keep=config.keep_checkpoints,
     )  # fmt: skip
     start = 0
@@ -106,7 +107,8 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         start, state, _ = restored
         print(f"resuming {out} from step {start}", flush=True)
     metrics_log = []
-    with MetricsWriter(out, config.steps, resume_step=start) as writer:
+    with MetricsWriter(out, config.steps, resume_step=start) as writer:  # refuses a gap
+        run_dir.write_config(config)
         if start == 0 and config.evaluates_at(0):
             writer.write(
                 0, {"eval/reward": evaluate(run, learner, state["learner"], sampling, config)}
@@ -212,12 +214,33 @@ def main(argv=None) -> int:
             overrides["out_dir"] = args.out
         config = config_lib.build(args.config, overrides)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result = train(config)
+        return _report(err)
+    created = run_dir.created_root(config.out_dir)
+    try:
+        result = train(config)
+    except (ValueError, OSError, guards.NonFiniteError, CheckpointSaveError) as err:
+        run_dir.remove_if_no_output(created, config.out_dir)
+        return _report(err)
     last = result.metrics[-1] if result.metrics else {}
     print(" ".join(f"{k}={last[k]:.4g}" for k in ("reward/mean", "kl/ref", "entropy") if k in last))
     return 0
+
+
+def _report(error: Exception) -> int:
+    """Prints one `error:` line for `error`; returns the exit status.
+
+    2: bad input (the config, the out_dir, the files it names); 1: the run itself failed (a
+    non-finite update, a save that did not fit on the disk).
+    """
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        message = f"{error.filename}: {error.strerror}"
+    else:
+        message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if isinstance(error, CheckpointSaveError):
+        # orbax's writer threads keep printing tracebacks of the failed write until exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    return 1 if isinstance(error, (guards.NonFiniteError, CheckpointSaveError)) else 2
 
 
 if __name__ == "__main__":
