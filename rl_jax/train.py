@@ -65,9 +65,9 @@ def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) one training run; returns its final states and metrics."""
     mesh = parallel.make_mesh(config.fsdp)
     run_dir.check_resume(config)  # refuses another run's out_dir or fewer steps; writes nothing
-    run = build.build_run(config)
     out = pathlib.Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # the first write into out_dir
+    out.mkdir(parents=True, exist_ok=True)  # the first write: an unwritable out_dir fails here
+    run = build.build_run(config)
     schedule = config.sync_schedule()
     sampling = SamplingConfig(
         eos_id=run.tokenizer.eos_id,
@@ -221,7 +221,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, guards.NonFiniteError, CheckpointSaveError) as err:
         run_dir.remove_if_no_output(created, config.out_dir)
         return _report(err)
-    last = result.metrics[-1] if result.metrics else {}
+    if not result.metrics:
+        print(f"nothing to do: the run in {config.out_dir} has finished its {config.steps} steps")
+        return 0
+    last = result.metrics[-1]
     print(" ".join(f"{k}={last[k]:.4g}" for k in ("reward/mean", "kl/ref", "entropy") if k in last))
     return 0
 
