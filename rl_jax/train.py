@@ -105,10 +105,11 @@ def train(config: config_lib.TrainConfig) -> RunResult:
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         start, state, _ = restored
-        print(f"resuming {out} from step {start}", flush=True)
     metrics_log = []
     with MetricsWriter(out, config.steps, resume_step=start) as writer:  # refuses a gap
         run_dir.write_config(config)
+        if start:
+            print(f"resuming {out} from step {start}", flush=True)
         if start == 0 and config.evaluates_at(0):
             writer.write(
                 0, {"eval/reward": evaluate(run, learner, state["learner"], sampling, config)}
