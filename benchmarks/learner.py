@@ -36,7 +36,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
 from rl_jax import algorithms, models, sampler  # noqa: E402
-from rl_jax.learner import Learner, OptimizerConfig, TrainBatch  # noqa: E402
+from rl_jax.config import OptimizerConfig  # noqa: E402
+from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 
 _BASE = models.ModelConfig(
     vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -84,7 +85,7 @@ def learn_runner(config, params, batch: int, prompt: int, response: int):
             rng.integers(1, config.vocab_size, (batch, response)), jnp.int32
         ),
         response_mask=jnp.ones((batch, response), jnp.float32),
-        behaviour_logp=jnp.full((batch, response), -np.log(config.vocab_size), jnp.float32),
+        untruncated_logp=jnp.full((batch, response), -np.log(config.vocab_size), jnp.float32),
         rewards=jnp.asarray(rng.integers(0, 2, (batch,)), jnp.float32),
     )
     state = learner.init(params)

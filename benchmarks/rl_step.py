@@ -45,7 +45,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
 from rl_jax import algorithms, models  # noqa: E402
-from rl_jax.learner import Learner, OptimizerConfig, TrainBatch  # noqa: E402
+from rl_jax.config import OptimizerConfig  # noqa: E402
+from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 from rl_jax.sampler import SamplerState, SamplingConfig, generate  # noqa: E402
 from rl_jax.tokenizer import HFTokenizer  # noqa: E402
 

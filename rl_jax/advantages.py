@@ -17,48 +17,11 @@ All functions take ``rewards`` of shape ``[num_groups, group_size]`` and work un
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
 
-DROP_MODES = ("none", "balance")
-
-
-def _check_choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
-
-
-def _check_number(field: str, value, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{field} must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{field} must be > 0, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class AdvantageConfig:
-    """How rewards of one group become advantages.
-
-    Attributes:
-      std_normalize: divide by (population std of the group + ``std_eps``) (GRPO).
-      drop: ``"none"`` or ``"balance"`` (RED-Drop, needs a PRNG key).
-      std_eps: added to the std before dividing.
-    """
-
-    std_normalize: bool = False
-    drop: str = "none"
-    std_eps: float = 1e-6
-
-    def __post_init__(self):
-        if not isinstance(self.std_normalize, bool):
-            raise ValueError(
-                f"std_normalize must be one of (True, False), got {self.std_normalize!r}"
-            )
-        _check_choice("drop", self.drop, DROP_MODES)
-        _check_number("std_eps", self.std_eps, positive=True)
+from rl_jax.algorithms import AdvantageConfig
 
 
 def _group_mean(rewards: jax.Array, keep: jax.Array) -> jax.Array:

@@ -11,12 +11,107 @@ ring eps' = (0.6, 2.0), temp 1, no regulariser, token-mean, no std normalisation
 from __future__ import annotations
 
 import dataclasses
+import math
 from types import MappingProxyType
 
-from rl_jax.advantages import AdvantageConfig
-from rl_jax.losses import LossConfig
-
 __all__ = ["PRESETS", "AdvantageConfig", "Algorithm", "LossConfig", "get", "names"]
+
+DROP_MODES = ("none", "balance")
+
+
+def check_choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+
+
+def check_number(field: str, value, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{field} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    """How rewards of one group become advantages.
+
+    Attributes:
+      std_normalize: divide by (population std of the group + ``std_eps``) (GRPO).
+      drop: ``"none"`` or ``"balance"`` (RED-Drop, needs a PRNG key).
+      std_eps: added to the std before dividing.
+    """
+
+    std_normalize: bool = False
+    drop: str = "none"
+    std_eps: float = 1e-6
+
+    def __post_init__(self):
+        if not isinstance(self.std_normalize, bool):
+            raise ValueError(
+                f"std_normalize must be one of (True, False), got {self.std_normalize!r}"
+            )
+        check_choice("drop", self.drop, DROP_MODES)
+        check_number("std_eps", self.std_eps, positive=True)
+
+
+CLIP_MODES = ("none", "one-side", "two-side", "ring", "gspo-one-side")
+WEIGHTS = ("none", "importance_sampling", "gspo_importance_sampling", "advantage")
+REGULARIZERS = ("none", "forward-kl", "k2")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """One point in the paper's family of losses (DESIGN.md §3).
+
+    Attributes:
+      clip: ``none | one-side | two-side | ring | gspo-one-side``.
+      weight: ``none | importance_sampling | gspo_importance_sampling | advantage``.
+      eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 < eps_low <= 1``.
+      ring_eps_low, ring_eps_high: the outer ring thresholds ``1 - eps_low'``, ``1 + eps_high'``.
+      weight_temp: RED-Weight temperature, weight ``A * exp(A / weight_temp)``.
+      regularizer: ``none | forward-kl`` (AsymRE) ``| k2`` (OPMD); ``reg_coef >= 0`` its coefficient.
+      aggregation: ``token-mean`` or ``seq-mean-token-mean`` (GSPO variants).
+      log_ratio_bound: log-ratios are clamped to +-this before ``exp`` (module docstring).
+      weight_exp_bound: upper clamp of ``A / weight_temp`` before ``exp``.
+    """
+
+    clip: str = "none"
+    weight: str = "none"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    ring_eps_low: float = 0.6
+    ring_eps_high: float = 2.0
+    weight_temp: float = 1.0
+    regularizer: str = "none"
+    reg_coef: float = 0.0
+    aggregation: str = "token-mean"
+    log_ratio_bound: float = 20.0
+    weight_exp_bound: float = 20.0
+
+    def __post_init__(self):
+        check_choice("clip", self.clip, CLIP_MODES)
+        check_choice("weight", self.weight, WEIGHTS)
+        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        for field in ("eps_low", "eps_high", "ring_eps_low", "ring_eps_high", "weight_temp"):
+            check_number(field, getattr(self, field), positive=True)
+        for field in ("eps_low", "ring_eps_low"):
+            if getattr(self, field) > 1:
+                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)!r}")
+        check_number("reg_coef", self.reg_coef)
+        if not self.reg_coef >= 0:
+            raise ValueError(f"reg_coef must be >= 0, got {self.reg_coef!r}")
+        check_number("weight_exp_bound", self.weight_exp_bound, positive=True)
+        check_number("log_ratio_bound", self.log_ratio_bound, positive=True)
+        thresholds = [math.log1p(self.eps_high), math.log1p(self.ring_eps_high)]
+        thresholds += [-math.log1p(-e) for e in (self.eps_low, self.ring_eps_low) if e < 1]
+        if not self.log_ratio_bound > max(thresholds):
+            raise ValueError(
+                f"log_ratio_bound must exceed every |log clip threshold| ({max(thresholds):.4g}) "
+                f"so that clamping never changes a clip decision, got {self.log_ratio_bound!r}"
+            )
+
 
 _GSPO = {"clip": "gspo-one-side", "eps_low": 3e-4, "eps_high": 4e-4}
 _GSPO_AGG = {"aggregation": "seq-mean-token-mean"}

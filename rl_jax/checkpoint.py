@@ -297,8 +297,11 @@ class Checkpointer:
         self._unusable.difference_update(later)
         self._manager.reload()
 
-    def restore_latest(self, target: PyTree) -> tuple[int, PyTree, dict] | None:
-        """(step, state, meta) of the newest checkpoint that loads, or None if there is none.
+    def restore_latest(
+        self, target: PyTree, max_step: int | None = None
+    ) -> tuple[int, PyTree, dict] | None:
+        """(step, state, meta) of the newest checkpoint (at or before `max_step`, if given) that
+        loads, or None if there is none.
 
         `target` is a pytree of the saved structure: concrete arrays or jax.ShapeDtypeStruct
         (dtype and sharding of the result follow it; scalars come back as their target's type).
@@ -316,7 +319,9 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}
         )
-        candidates = sorted(self.steps, reverse=True)
+        candidates = sorted(
+            (s for s in self.steps if max_step is None or s <= max_step), reverse=True
+        )
         for step in candidates:
             try:
                 restored = self._manager.restore(step, args=args)
@@ -341,6 +346,12 @@ class Checkpointer:
                 stacklevel=2,
             )
         return None
+
+    def discard_after(self, step: int) -> None:
+        """Deletes the checkpoints of steps > `step`: a resume from `step` will write them anew
+        (runs trained in lockstep resume from the newest step they all have)."""
+        for later in [s for s in self.steps if s > step]:
+            self._manager.delete(later)
 
     def close(self) -> None:
         """Wait for pending work and release the manager's threads."""

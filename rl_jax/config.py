@@ -17,12 +17,42 @@ import typing
 from collections.abc import Mapping, Sequence
 
 from rl_jax import algorithms
-from rl_jax.learner import SCHEDULES, OptimizerConfig
 from rl_jax.sync import SyncSchedule
 
 TASKS = ("arithmetic", "gsm8k")
-# jax.random.key aliases seeds modulo 2**32, and the loop also uses seed + 1 and seed + 2.
-MAX_SEED = 2**32 - 3
+MAX_SEED = 2**32 - 1  # jax.random.key(seed) aliases seeds modulo 2**32
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings: warmup + decay learning-rate schedule, global-norm gradient clipping.
+
+    `rl_jax.learner.make_optimizer` turns them into an optax transformation.
+    """
+
+    learning_rate: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0  # steps of the cosine/linear decay after warmup (0: constant)
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("warmup_steps", "decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +66,11 @@ class TrainConfig:
     algorithm: a preset of `rl_jax.algorithms.names()`; algorithm_overrides: its fields.
     prompts_per_step, group_size: the batch is prompts_per_step * group_size responses.
     max_response_len: new-token cap (None: the task's own, e.g. 25 for arithmetic); temperature, top_k (0 = off), top_p (1 = off): sampling.
-    learning_rate ... grad_clip: AdamW (see `rl_jax.learner.OptimizerConfig`).
+    learning_rate ... grad_clip: AdamW (see `OptimizerConfig`).
     micro_batches: gradient-accumulation pieces per update.
     steps: learner updates; sync_interval, sync_offset: DESIGN.md §4.
+    seed, num_seeds: trains seeds seed .. seed + num_seeds - 1 as one vmapped program; with
+      num_seeds > 1 each run writes to out_dir/seed_<s>/ and equals a single run of that seed.
     eval_every, eval_prompts: held-out evaluation of the learner (0 disables).
     checkpoint_every, keep_checkpoints: orbax checkpoints (resumed automatically).
     ref_metrics: log KL to the initial policy (one extra forward pass per step).
@@ -67,6 +99,7 @@ class TrainConfig:
     sync_interval: int = 1
     sync_offset: int = 0
     seed: int = 0
+    num_seeds: int = 1
     eval_every: int = 20
     eval_prompts: int = 128
     checkpoint_every: int = 100
@@ -85,7 +118,14 @@ class TrainConfig:
             )
         self.algorithm_preset()  # bad overrides raise ValueError here
         _check_task_options(self.task, self.task_options)
-        positive = ("prompts_per_step", "max_response_len", "steps", "micro_batches", "fsdp")
+        positive = (
+            "prompts_per_step",
+            "max_response_len",
+            "steps",
+            "micro_batches",
+            "fsdp",
+            "num_seeds",
+        )
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,8 +133,11 @@ class TrainConfig:
             raise ValueError(
                 f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED - (max(self.num_seeds, 1) - 1):
+            raise ValueError(
+                f"seed must be an integer in [0, {MAX_SEED}] (the last of num_seeds too), "
+                f"got {self.seed}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -141,6 +184,18 @@ class TrainConfig:
             else 0,
             weight_decay=self.weight_decay,
             grad_clip=self.grad_clip,
+        )
+
+    def runs(self) -> tuple[TrainConfig, ...]:
+        """The single-seed config of each run: itself for one seed; for many, seed s writing to
+        out_dir/seed_<s> (each such directory is a complete single run's directory)."""
+        if self.num_seeds == 1:
+            return (self,)
+        return tuple(
+            dataclasses.replace(
+                self, seed=s, num_seeds=1, out_dir=str(pathlib.Path(self.out_dir) / f"seed_{s}")
+            )
+            for s in range(self.seed, self.seed + self.num_seeds)
         )
 
     def to_json(self) -> str:

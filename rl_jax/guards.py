@@ -54,14 +54,15 @@ def keep_if_finite(finite: jax.Array, new_tree, old_tree):
     return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_tree, old_tree)
 
 
-def check_update(step: int, metrics: Mapping[str, float]) -> None:
-    """Raises NonFiniteError naming the step and each guarded metric that is NaN or inf."""
+def check_update(step: int, metrics: Mapping[str, float], seed: int | None = None) -> None:
+    """Raises NonFiniteError naming the step (and `seed`, if given) and each non-finite metric."""
     bad = {name: metrics[name] for name in GUARDED_METRICS if not math.isfinite(metrics[name])}
     if bad:
         values = ", ".join(f"{name}={value}" for name, value in bad.items())
         shown = ", ".join(f"{name}={metrics[name]:.4g}" for name in GUARDED_METRICS)
+        where = f"step {step}" if seed is None else f"step {step} of seed {seed}"
         raise NonFiniteError(
-            f"step {step}: non-finite {values} ({shown}); the update was not applied and "
+            f"{where}: non-finite {values} ({shown}); the update was not applied and "
             "nothing of this step was saved: resume from the last checkpoint after fixing the "
             "cause (e.g. a lower learning_rate)"
         )

@@ -2,9 +2,9 @@
 
 One update consumes a batch of rollouts with their rewards:
 
-    A      = group_advantages(rewards.reshape(num_groups, group_size))       (advantages.py)
+    A      = group_advantages(to_groups(rewards))      [num_groups, G]        (advantages.py)
     logp   = log softmax(f_theta(prompt + response) / temperature)[response]  (current params)
-    loss   = policy_loss(logp, behaviour_logp, A, response_mask)             (losses.py)
+    loss   = policy_loss(logp, untruncated_logp, A, response_mask)           (losses.py)
     theta <- optax update with grad(loss)
 
 The loss is a true token-mean over the whole batch: the batch is split into `micro_batches`
@@ -27,60 +27,35 @@ import jax.numpy as jnp
 import optax
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import guards, losses
+from rl_jax import groups, guards, losses
 from rl_jax.algorithms import Algorithm
+from rl_jax.config import OptimizerConfig
 from rl_jax.models import forward
 
-SCHEDULES = ("constant", "cosine", "linear")
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then constant, cosine or linear decay to 0."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    if config.schedule == "constant" or config.decay_steps == 0:
+        decay = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, config.decay_steps)
+    else:
+        decay = optax.linear_schedule(peak, 0.0, config.decay_steps)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with global-norm gradient clipping and a warmup + decay learning-rate schedule."""
-
-    learning_rate: float = 1e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    decay_steps: int = 0  # steps of the cosine/linear decay after warmup (0: constant)
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
-            )
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("warmup_steps", "decay_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
-
-    def learning_rate_schedule(self) -> optax.Schedule:
-        peak, warmup = self.learning_rate, self.warmup_steps
-        if self.schedule == "constant" or self.decay_steps == 0:
-            decay = optax.constant_schedule(peak)
-        elif self.schedule == "cosine":
-            decay = optax.cosine_decay_schedule(peak, self.decay_steps)
-        else:
-            decay = optax.linear_schedule(peak, 0.0, self.decay_steps)
-        if warmup == 0:
-            return decay
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-    def make(self) -> optax.GradientTransformation:
-        adamw = optax.adamw(
-            self.learning_rate_schedule(), self.b1, self.b2, self.eps,
-            weight_decay=self.weight_decay,
-        )  # fmt: skip
-        if self.grad_clip == 0:
-            return adamw
-        return optax.chain(optax.clip_by_global_norm(self.grad_clip), adamw)
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping (`grad_clip` 0 disables it)."""
+    adamw = optax.adamw(
+        learning_rate_schedule(config), config.b1, config.b2, config.eps,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+    if config.grad_clip == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
 
 
 @flax.struct.dataclass
@@ -98,7 +73,8 @@ class TrainBatch:
 
     prompt_tokens, prompt_mask: `[batch, prompt_len]`, left padded.
     response_tokens, response_mask: `[batch, response_len]`, mask 1 up to and including EOS.
-    behaviour_logp: `[batch, response_len]` the sampler's log-probs (old_logp of DESIGN.md §3).
+    untruncated_logp: `[batch, response_len]` the sampler's log-probs under the untruncated
+      softmax(z / T) (`Rollout.untruncated_logp`): the behaviour side (old_logp of DESIGN.md §3).
     rewards: `[batch]` sequence rewards.
     """
 
@@ -106,23 +82,23 @@ class TrainBatch:
     prompt_mask: jax.Array
     response_tokens: jax.Array
     response_mask: jax.Array
-    behaviour_logp: jax.Array
+    untruncated_logp: jax.Array
     rewards: jax.Array
 
     @classmethod
     def from_rollout(cls, rollout, rewards) -> TrainBatch:
         """The batch for a sampler `Rollout` and its `[batch]` rewards.
 
-        behaviour_logp is the rollout's `full_logp`: the learner scores the untruncated
-        softmax(z / T), so the behaviour side must too, or the ratio would not be 1 on-policy
-        when top-k / top-p are on (the two are identical when they are off).
+        The behaviour side is the rollout's `untruncated_logp`, not its `sampled_logp`: the learner
+        scores the untruncated softmax(z / T), so the behaviour side must too, or the ratio would
+        not be 1 on-policy when top-k / top-p are on (the two are identical when they are off).
         """
         return cls(
             prompt_tokens=rollout.prompt_tokens,
             prompt_mask=rollout.prompt_mask,
             response_tokens=rollout.response_tokens,
             response_mask=rollout.response_mask,
-            behaviour_logp=rollout.full_logp,
+            untruncated_logp=rollout.untruncated_logp,
             rewards=rewards,
         )
 
@@ -139,7 +115,7 @@ def response_logits(graphdef, params, batch: TrainBatch) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _jitted_update(learner, state, batch, ref_params, key):
-    return learner._update(state, batch, ref_params, key)
+    return learner.traced_update(state, batch, ref_params, key)
 
 
 def _split_micro_batches(tree, num: int):
@@ -185,12 +161,15 @@ class Learner:
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return self.optimizer.make()
+        return make_optimizer(self.optimizer)
+
+    def init_state(self, params) -> LearnerState:
+        """A fresh state (traceable): the params, their optimizer state, step 0."""
+        return LearnerState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
 
     def init(self, params) -> LearnerState:
         """A fresh state; jitted so its arrays are placed as `update` returns them (one compile)."""
-        make = lambda p: LearnerState(params=p, opt_state=self.tx.init(p), step=jnp.int32(0))
-        return jax.jit(make)(params)
+        return jax.jit(self.init_state)(params)
 
     def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
         """One jitted update -> (state, metrics); `state` is donated.
@@ -200,17 +179,16 @@ class Learner:
         """
         return _jitted_update(self, state, batch, ref_params, key)
 
-    def _update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+    def traced_update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+        """The update for callers that trace it inside their own jit (`rl_jax.step`)."""
         batch_size = batch.rewards.shape[0]
-        if batch_size % self.group_size:
-            raise ValueError(f"batch of {batch_size} rows is not whole groups of {self.group_size}")
         if batch_size % self.micro_batches:
             raise ValueError(
                 f"micro_batches={self.micro_batches} must divide the batch {batch_size}"
             )
-        rewards = batch.rewards.reshape(-1, self.group_size)
+        rewards = groups.to_groups(batch.rewards, self.group_size)
         adv = advantages_lib.group_advantages(rewards, self.algorithm.advantage, key=key)
-        adv = adv.reshape(-1)
+        adv = groups.from_groups(adv)
         mask = batch.response_mask.astype(jnp.float32)
         denominator = losses.loss_denominator(mask, self.algorithm.loss)
         num_tokens = jnp.maximum(mask.sum(), 1.0)
@@ -244,12 +222,12 @@ class Learner:
         logp, entropy = losses.token_logprobs(logits, batch.response_tokens, self.temperature)
         mask = batch.response_mask.astype(jnp.float32)
         loss, policy_metrics = losses.policy_loss(
-            logp, batch.behaviour_logp, adv, mask, self.algorithm.loss, denominator=denominator
+            logp, batch.untruncated_logp, adv, mask, self.algorithm.loss, denominator=denominator
         )
         logp = jax.lax.stop_gradient(logp)
         sums = {
             "entropy": losses.masked_sum(jax.lax.stop_gradient(entropy), mask),
-            "kl/behaviour": losses.masked_sum(losses.kl_k2(logp, batch.behaviour_logp), mask),
+            "kl/behaviour": losses.masked_sum(losses.kl_k2(logp, batch.untruncated_logp), mask),
         }
         if self.ref_metrics:
             ref_logits = jax.lax.stop_gradient(response_logits(self.graphdef, ref_params, batch))

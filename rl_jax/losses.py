@@ -33,19 +33,14 @@ means, min of mins, max of maxes, sums of counts).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from rl_jax.advantages import _check_choice, _check_number
-
-CLIP_MODES = ("none", "one-side", "two-side", "ring", "gspo-one-side")
-WEIGHTS = ("none", "importance_sampling", "gspo_importance_sampling", "advantage")
-REGULARIZERS = ("none", "forward-kl", "k2")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+from rl_jax.algorithms import LossConfig
+from rl_jax.sampling import gather_logp, tempered_log_softmax
 
 # How each policy_loss metric combines across shards (see aggregate_metrics).
 METRIC_REDUCTIONS = {
@@ -59,59 +54,6 @@ METRIC_REDUCTIONS = {
     "num_tokens": "sum",
     "num_sequences": "sum",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """One point in the paper's family of losses (DESIGN.md §3).
-
-    Attributes:
-      clip: ``none | one-side | two-side | ring | gspo-one-side``.
-      weight: ``none | importance_sampling | gspo_importance_sampling | advantage``.
-      eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 < eps_low <= 1``.
-      ring_eps_low, ring_eps_high: the outer ring thresholds ``1 - eps_low'``, ``1 + eps_high'``.
-      weight_temp: RED-Weight temperature, weight ``A * exp(A / weight_temp)``.
-      regularizer: ``none | forward-kl`` (AsymRE) ``| k2`` (OPMD); ``reg_coef >= 0`` its coefficient.
-      aggregation: ``token-mean`` or ``seq-mean-token-mean`` (GSPO variants).
-      log_ratio_bound: log-ratios are clamped to +-this before ``exp`` (module docstring).
-      weight_exp_bound: upper clamp of ``A / weight_temp`` before ``exp``.
-    """
-
-    clip: str = "none"
-    weight: str = "none"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    ring_eps_low: float = 0.6
-    ring_eps_high: float = 2.0
-    weight_temp: float = 1.0
-    regularizer: str = "none"
-    reg_coef: float = 0.0
-    aggregation: str = "token-mean"
-    log_ratio_bound: float = 20.0
-    weight_exp_bound: float = 20.0
-
-    def __post_init__(self):
-        _check_choice("clip", self.clip, CLIP_MODES)
-        _check_choice("weight", self.weight, WEIGHTS)
-        _check_choice("regularizer", self.regularizer, REGULARIZERS)
-        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        for field in ("eps_low", "eps_high", "ring_eps_low", "ring_eps_high", "weight_temp"):
-            _check_number(field, getattr(self, field), positive=True)
-        for field in ("eps_low", "ring_eps_low"):
-            if getattr(self, field) > 1:
-                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)!r}")
-        _check_number("reg_coef", self.reg_coef)
-        if not self.reg_coef >= 0:
-            raise ValueError(f"reg_coef must be >= 0, got {self.reg_coef!r}")
-        _check_number("weight_exp_bound", self.weight_exp_bound, positive=True)
-        _check_number("log_ratio_bound", self.log_ratio_bound, positive=True)
-        thresholds = [math.log1p(self.eps_high), math.log1p(self.ring_eps_high)]
-        thresholds += [-math.log1p(-e) for e in (self.eps_low, self.ring_eps_low) if e < 1]
-        if not self.log_ratio_bound > max(thresholds):
-            raise ValueError(
-                f"log_ratio_bound must exceed every |log clip threshold| ({max(thresholds):.4g}) "
-                f"so that clamping never changes a clip decision, got {self.log_ratio_bound!r}"
-            )
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -344,7 +286,7 @@ def _entropy_from_log_probs(log_probs: jax.Array) -> jax.Array:
 
 def _log_softmax(logits: jax.Array, temperature) -> jax.Array:
     _check_temperature(temperature)
-    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return tempered_log_softmax(logits, temperature)
 
 
 def token_logprobs(
@@ -352,7 +294,8 @@ def token_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probs of ``targets`` and full-vocabulary entropy under ``softmax(logits / temperature)``.
 
-    One ``log_softmax`` pass serves both. ``-inf`` logits (masked vocabulary) are allowed.
+    One ``log_softmax`` pass serves both: ``rl_jax.sampling.tempered_log_softmax``, the transform
+    the sampler records with. ``-inf`` logits (masked vocabulary) are allowed.
 
     Args:
       logits: ``[..., vocab]``; targets: ``[...]`` int.
@@ -361,8 +304,7 @@ def token_logprobs(
       (logp ``[...]``, entropy ``[...]``), float32.
     """
     log_probs = _log_softmax(logits, temperature)
-    logp = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return logp, _entropy_from_log_probs(log_probs)
+    return gather_logp(log_probs, targets), _entropy_from_log_probs(log_probs)
 
 
 def entropy_from_logits(logits: jax.Array, temperature=1.0) -> jax.Array:

@@ -40,6 +40,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
 
 
+def run_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """`[runs, batch, ...]`: the run axis whole on every device, the batch split over all."""
+    return NamedSharding(mesh, PartitionSpec(None, (DATA, FSDP)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

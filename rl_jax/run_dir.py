@@ -140,14 +140,16 @@ def created_root(out_dir: str | os.PathLike) -> pathlib.Path | None:
     return path
 
 
-def remove_if_no_output(root: pathlib.Path | None, out_dir: str | os.PathLike) -> None:
-    """Removes `root` (from `created_root`) if the run wrote no metrics line and no checkpoint."""
+def remove_if_no_output(root: pathlib.Path | None, config: TrainConfig) -> None:
+    """Removes `root` (from `created_root`) if none of the config's runs wrote a metrics line
+    or a checkpoint."""
     if root is None or not root.exists():
         return
-    out = pathlib.Path(out_dir)
-    metrics = out / METRICS_FILE
-    if checkpoint.finished_steps(out / CHECKPOINT_DIR) or (
-        metrics.is_file() and metrics.stat().st_size
-    ):
-        return
+    for single in config.runs():
+        out = pathlib.Path(single.out_dir)
+        metrics = out / METRICS_FILE
+        if checkpoint.finished_steps(out / CHECKPOINT_DIR) or (
+            metrics.is_file() and metrics.stat().st_size
+        ):
+            return
     shutil.rmtree(root, ignore_errors=True)

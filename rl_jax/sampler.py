@@ -2,14 +2,13 @@
 
 The off-policy analysis of arXiv 2509.24203 (§2-3) needs, for every generated token, its
 log-probability under the distribution it was actually drawn from. Each row records two, as
-defined in `rl_jax.sampling`: `behaviour_logp` (under the top-k / top-p truncated softmax(z / T)
-that was sampled from: exact importance-sampling data; 0 for greedy decoding) and `full_logp`
-(under the untruncated softmax(z / T): what the learner recomputes, as in the paper's code). The
-two are the same array, bit for bit, when top-k and top-p are off.
+defined in `rl_jax.sampling`: `sampled_logp` (under the top-k / top-p truncated softmax(z / T)
+that was sampled from: exact importance-sampling data; 0 for greedy decoding) and
+`untruncated_logp` (under the untruncated softmax(z / T): what the learner recomputes, as in the
+paper's code). The two are the same array, bit for bit, when top-k and top-p are off.
 
 Shapes: prompts are left-padded to a bucket width `P` (a few static sizes) and each prompt is
-repeated `group_size` times (row r answers prompt r // group_size, so `x.reshape(num_groups,
-group_size)` groups the responses to one prompt); responses are `N` columns, the bucket of
+repeated `group_size` times (the layout of `rl_jax.groups`: row r answers prompt r // G); responses are `N` columns, the bucket of
 `max_new_tokens`. One compiled program per (batch, P, N, top-k off or its power-of-two bucket,
 top-p on or off, bucketed count and length of stop sequences): temperature, top_k, top_p, greedy,
 eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles.
@@ -18,9 +17,7 @@ eos_id, pad_id, the stop tokens and the cap are traced, so changing them never r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from typing import Any
 
 import flax.struct
@@ -30,68 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rl_jax.sampling import draw
+from rl_jax.groups import rows_from_prompts
+from rl_jax.sampling import SamplingConfig, draw
 
 _LOG = logging.getLogger(__name__)
-_DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _compile_counter = [0]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How tokens are drawn and when a response ends.
-
-    temperature: z / T before everything else (> 0). top_k: keep the k largest logits (0 = off).
-    top_p: then keep the smallest prefix of the (renormalised) sorted distribution with mass >=
-    top_p (1.0 = off). greedy: argmax of z (temperature and truncation do not change the token).
-    max_new_tokens: response cap. eos_id: ends a response (kept, masked 1). pad_id: fills the
-    rest. stop_sequences: token-id tuples that also end a response (kept, masked 1).
-    prompt_buckets / generation_buckets: the static widths prompts and responses are padded to;
-    a size above the largest bucket rounds up to a multiple of it.
-    """
-
-    eos_id: int
-    pad_id: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
-    max_new_tokens: int = 64
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-    prompt_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
-    generation_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
-
-    def __post_init__(self):
-        fix = lambda name, value: object.__setattr__(self, name, value)
-        fix("stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
-        fix("prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
-        fix("generation_buckets", tuple(int(b) for b in self.generation_buckets))
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        for name in ("eos_id", "pad_id"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(
-                    f"{name} must be a token id (int >= 0), got {getattr(self, name)!r}"
-                )
-        if any(len(s) == 0 or min(s) < 0 for s in self.stop_sequences):
-            raise ValueError(
-                f"stop_sequences must be non-empty tuples of token ids, got {self.stop_sequences}"
-            )
-        for name in ("prompt_buckets", "generation_buckets"):
-            b = getattr(self, name)
-            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
-                raise ValueError(f"{name} must be strictly increasing positive ints, got {b}")
-
-    @property
-    def truncates(self) -> bool:
-        """Whether top-k or top-p changes the distribution (behaviour_logp != full_logp)."""
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
 @flax.struct.dataclass
@@ -113,7 +53,7 @@ class Rollout:
 
     prompt_tokens, prompt_mask: [B, P] int32, left-padded (mask 1 on real tokens).
     response_tokens: [B, N] int32, pad_id after the end. response_mask: [B, N] float32, 1 up to
-    and including EOS / the last token of a stop sequence. behaviour_logp, full_logp: [B, N]
+    and including EOS / the last token of a stop sequence. sampled_logp, untruncated_logp: [B, N]
     float32 (module docstring), 0 where the mask is 0. response_length: [B] int32.
     truncated: [B] bool, hit max_new_tokens without EOS or a stop sequence.
     policy_version: [B] int32, the version of the params that sampled the row.
@@ -123,8 +63,8 @@ class Rollout:
     prompt_mask: jax.Array
     response_tokens: jax.Array
     response_mask: jax.Array
-    behaviour_logp: jax.Array
-    full_logp: jax.Array
+    sampled_logp: jax.Array
+    untruncated_logp: jax.Array
     response_length: jax.Array
     truncated: jax.Array
     policy_version: jax.Array
@@ -245,7 +185,7 @@ def _generate_program(
         """Sample column t for every live row; finished rows get pad_id, mask 0, logp 0."""
         t = carry["t"]
         keys = _step_keys(row_keys, t)
-        sampled, behaviour_logp, full_logp = draw(
+        sampled, sampled_logp, untruncated_logp = draw(
             logits, keys, top_k_width, knobs.top_k, knobs.temperature, top_p, knobs.greedy
         )
         live = ~carry["done"]
@@ -254,8 +194,8 @@ def _generate_program(
         columns = {
             "tokens": token,
             "mask": live.astype(jnp.float32),
-            "behaviour_logp": jnp.where(live, behaviour_logp, 0.0),
-            "full_logp": jnp.where(live, full_logp, 0.0),
+            "sampled_logp": jnp.where(live, sampled_logp, 0.0),
+            "untruncated_logp": jnp.where(live, untruncated_logp, 0.0),
         }
         out = {k: carry[k].at[:, t].set(v) for k, v in columns.items()}
         done = carry["done"] | (live & _ends_response(recent, token, knobs))
@@ -281,8 +221,8 @@ def _generate_program(
         "recent": constrain(jnp.full((batch, knobs.stop_ids.shape[1]), -1, jnp.int32)),
         "tokens": rows(knobs.pad_id, jnp.int32),
         "mask": rows(0, jnp.float32),
-        "behaviour_logp": rows(0, jnp.float32),
-        "full_logp": rows(0, jnp.float32),
+        "sampled_logp": rows(0, jnp.float32),
+        "untruncated_logp": rows(0, jnp.float32),
     }
     carry = jax.lax.while_loop(more, step, emit(carry, logits[:, -1]))
     rollout = Rollout(
@@ -290,8 +230,8 @@ def _generate_program(
         prompt_mask=prompt_mask,
         response_tokens=carry["tokens"],
         response_mask=carry["mask"],
-        behaviour_logp=carry["behaviour_logp"],
-        full_logp=carry["full_logp"],
+        sampled_logp=carry["sampled_logp"],
+        untruncated_logp=carry["untruncated_logp"],
         response_length=jnp.sum(carry["mask"], axis=1).astype(jnp.int32),
         truncated=~carry["done"],
         policy_version=jnp.broadcast_to(policy_version, (batch,)).astype(jnp.int32),
@@ -345,16 +285,36 @@ def generate(
     _check_prompts(tokens, mask, group_size, mesh)
     pad = bucket_size(tokens.shape[1], config.prompt_buckets) - tokens.shape[1]
     tokens = np.pad(
-        np.repeat(tokens, group_size, 0), ((0, 0), (pad, 0)), constant_values=config.pad_id
+        rows_from_prompts(tokens, group_size), ((0, 0), (pad, 0)), constant_values=config.pad_id
     )
-    mask = np.pad(np.repeat(mask, group_size, 0), ((0, 0), (pad, 0)))
+    mask = np.pad(rows_from_prompts(mask, group_size), ((0, 0), (pad, 0)))
     if mesh is not None:
         sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
         tokens, mask = jax.device_put((tokens, mask), sharding)
-    width = bucket_size(config.max_new_tokens, config.generation_buckets)
-    top_k_width = config.top_k and _pow2_bucket(config.top_k, 8)
     rollout, key = _generate_jit(
-        graphdef, top_k_width, config.top_p < 1.0, width, mesh, state.params,
-        state.policy_version, state.key, tokens, mask, _Knobs.of(config),
+        graphdef, *_static_settings(config), mesh, state.params, state.policy_version, state.key,
+        tokens, mask, _Knobs.of(config),
     )  # fmt: skip
     return rollout, state.replace(key=key)
+
+
+def _static_settings(config: SamplingConfig) -> tuple[int, bool, int]:
+    """(top-k width, top-p on, response width): what a SamplingConfig fixes in the program."""
+    width = bucket_size(config.max_new_tokens, config.generation_buckets)
+    return config.top_k and _pow2_bucket(config.top_k, 8), config.top_p < 1.0, width
+
+
+def generate_rows(
+    graphdef, params, policy_version, key, row_tokens, row_mask, config: SamplingConfig, mesh=None
+) -> Rollout:
+    """The generation program for callers that trace it inside their own jit (`rl_jax.step`).
+
+    row_tokens, row_mask: `[B, P]` prompts already expanded to rows (`rl_jax.groups`) and
+    left-padded; the draws are those `generate` makes with `state.key = key`. The config's
+    knobs become constants of the caller's program.
+    """
+    rollout, _ = _generate_program(
+        graphdef, *_static_settings(config), mesh, params, policy_version, key, row_tokens,
+        row_mask, _Knobs.of(config),
+    )  # fmt: skip
+    return rollout

@@ -1,24 +1,93 @@
-"""Drawing tokens and scoring them: the transforms the sampler records with (DESIGN.md §1).
+"""Drawing tokens and scoring them: the one home of the sampling transform (DESIGN.md §1, §3).
 
 With logits z ([vocab]), temperature T and the truncation set S kept by top-k / top-p:
 
-    full_logp      = log softmax(z / T)[y]                      (untruncated)
-    behaviour_logp = log softmax(z / T restricted to S)[y]      (what y was drawn from)
+    untruncated_logp = log softmax(z / T)[y]                      (what the learner recomputes)
+    sampled_logp     = log softmax(z / T restricted to S)[y]      (what y was drawn from)
 
-`draw` is the traced form the compiled generation loop uses (everything but the top-k width may
-be traced); `sample_tokens`, `truncated_logits` and `sampling_logprobs` take a `SamplingConfig`
-so tests and learners can redraw or rescore outside the loop.
+`tempered_log_softmax` is log softmax(z / T) in float32: the sampler records with it and the
+learner (`rl_jax.losses.token_logprobs`) and the warm start score with it, so an on-policy ratio
+is exactly 1. `draw` is the traced form the compiled generation loop uses (everything but the
+top-k width may be traced); `sample_tokens`, `truncated_logits` and `sampling_logprobs` take a
+`SamplingConfig` so tests can redraw or rescore outside the loop.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from rl_jax.sampler import SamplingConfig
+_DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How tokens are drawn and when a response ends.
+
+    temperature: z / T before everything else (> 0). top_k: keep the k largest logits (0 = off).
+    top_p: then keep the smallest prefix of the (renormalised) sorted distribution with mass >=
+    top_p (1.0 = off). greedy: argmax of z (temperature and truncation do not change the token).
+    max_new_tokens: response cap. eos_id: ends a response (kept, masked 1). pad_id: fills the
+    rest. stop_sequences: token-id tuples that also end a response (kept, masked 1).
+    prompt_buckets / generation_buckets: the static widths prompts and responses are padded to;
+    a size above the largest bucket rounds up to a multiple of it.
+    """
+
+    eos_id: int
+    pad_id: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 64
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    prompt_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+    generation_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)
+        fix("stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
+        fix("prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        fix("generation_buckets", tuple(int(b) for b in self.generation_buckets))
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        for name in ("eos_id", "pad_id"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(
+                    f"{name} must be a token id (int >= 0), got {getattr(self, name)!r}"
+                )
+        if any(len(s) == 0 or min(s) < 0 for s in self.stop_sequences):
+            raise ValueError(
+                f"stop_sequences must be non-empty tuples of token ids, got {self.stop_sequences}"
+            )
+        for name in ("prompt_buckets", "generation_buckets"):
+            b = getattr(self, name)
+            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+                raise ValueError(f"{name} must be strictly increasing positive ints, got {b}")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k or top-p changes the distribution (sampled_logp != untruncated_logp)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+
+def tempered_log_softmax(logits: jax.Array, temperature) -> jax.Array:
+    """log softmax(z / T) over the last axis, in float32: `[..., vocab]` -> `[..., vocab]`."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def gather_logp(log_probs: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`log_probs[..., tokens]`: `[..., vocab]`, `[...]` int -> `[...]`."""
+    return jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def _truncate(scaled: jax.Array, top_k_width: int, top_k, top_p) -> jax.Array:
@@ -52,45 +121,41 @@ def truncated_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return _truncate(scaled, config.top_k, config.top_k, top_p)
 
 
-def _gather(logp: jax.Array, tokens: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-
-
 def sampling_logprobs(logits: jax.Array, tokens: jax.Array, config: SamplingConfig):
-    """(behaviour_logp, full_logp) of `tokens` [...] under `logits` [..., vocab] (module doc).
+    """(sampled_logp, untruncated_logp) of `tokens` [...] under `logits` [..., vocab] (module doc).
 
-    The same transform the sampler records with, exposed so tests and learners can recompute.
+    The same transform the sampler records with, exposed so tests can recompute it.
     """
-    scaled = logits.astype(jnp.float32) / config.temperature
-    full_logp = _gather(jax.nn.log_softmax(scaled, axis=-1), tokens)
+    untruncated_logp = gather_logp(tempered_log_softmax(logits, config.temperature), tokens)
     if config.greedy:
-        behaviour_logp = jnp.where(tokens == jnp.argmax(scaled, axis=-1), 0.0, -jnp.inf)
+        scaled = logits.astype(jnp.float32) / config.temperature
+        sampled_logp = jnp.where(tokens == jnp.argmax(scaled, axis=-1), 0.0, -jnp.inf)
     elif config.truncates:
-        behaviour_logp = _gather(jax.nn.log_softmax(truncated_logits(logits, config), -1), tokens)
+        sampled_logp = gather_logp(jax.nn.log_softmax(truncated_logits(logits, config), -1), tokens)
     else:
-        behaviour_logp = full_logp
-    return behaviour_logp, full_logp
+        sampled_logp = untruncated_logp
+    return sampled_logp, untruncated_logp
 
 
 def draw(logits, keys, top_k_width: int, top_k, temperature, top_p, greedy):
     """`sample_tokens` with everything but `top_k_width` (static, >= top_k) possibly traced
     (top_p None = off): the form the compiled generation loop calls."""
     scaled = logits.astype(jnp.float32) / temperature
-    log_probs = jax.nn.log_softmax(scaled, axis=-1)
+    log_probs = tempered_log_softmax(logits, temperature)
     truncated = _truncate(scaled, top_k_width, top_k, top_p)
     noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     sampled = jnp.argmax(truncated + noise, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled).astype(jnp.int32)
-    full_logp = _gather(log_probs, tokens)
+    untruncated_logp = gather_logp(log_probs, tokens)
     if truncated is scaled:
-        behaviour_logp = full_logp
+        sampled_logp = untruncated_logp
     else:
-        behaviour_logp = _gather(jax.nn.log_softmax(truncated, axis=-1), tokens)
-    return tokens, jnp.where(greedy, 0.0, behaviour_logp), full_logp
+        sampled_logp = gather_logp(jax.nn.log_softmax(truncated, axis=-1), tokens)
+    return tokens, jnp.where(greedy, 0.0, sampled_logp), untruncated_logp
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, config: SamplingConfig):
-    """Draws one token per row: (tokens [B] int32, behaviour_logp [B], full_logp [B]).
+    """Draws one token per row: (tokens [B] int32, sampled_logp [B], untruncated_logp [B]).
 
     logits [B, vocab]; keys [B] (one PRNG key per row, so a row's draw does not depend on the
     batch it is in or how the batch is sharded). Gumbel-max: argmax(z' + g), g ~ Gumbel(0, 1)

@@ -9,17 +9,14 @@ so staleness(k) = (k - 1) - v(k). (interval 1, offset 0) is on-policy; (20, 0) c
 0..19; (1, 10) holds staleness at 10 once warmed up; an interval larger than the run is offline.
 
 With offset > 0 the learner's snapshots at multiples of ``interval`` are needed some steps after
-they were made; `PendingSnapshots` keeps them, first in, first out, in a fixed number of slots so
-that the whole thing is a pytree of static shape (it is checkpointed with the rest of the run).
+they were made; `rl_jax.step.PendingSnapshots` keeps them in `num_slots` fixed slots. The
+arithmetic here is pure Python and also works on traced integer arrays, so the compiled step
+applies the schedule itself (no host reads); this module imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import flax.struct
-import jax
-import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,21 +37,26 @@ class SyncSchedule:
         if not isinstance(self.offset, int) or self.offset < 0:
             raise ValueError(f"sync_offset must be an integer >= 0, got {self.offset!r}")
 
-    def version_for_step(self, step: int) -> int:
-        """v(k): the policy version that generated the batch consumed at learner step k >= 1."""
-        if step < 1:
+    def version_for_step(self, step):
+        """v(k): the policy version that generated the batch consumed at learner step k >= 1.
+
+        `step` may be a Python int or a traced integer array.
+        """
+        if isinstance(step, int) and step < 1:
             raise ValueError(f"learner steps are numbered from 1, got step={step}")
-        return self.interval * (max(0, step - self.offset - 1) // self.interval)
+        lag = step - self.offset - 1
+        lag = lag * (lag > 0)  # max(0, lag) for ints and traced arrays alike
+        return self.interval * (lag // self.interval)
 
     def staleness(self, step: int) -> int:
         """(k - 1) - v(k): how many learner updates the behaviour policy is behind."""
         return step - 1 - self.version_for_step(step)
 
-    def snapshot_due(self, step: int) -> bool:
-        """Whether version `step` (the learner after step k) is kept for the sampler.
+    def snapshot_due(self, step):
+        """Whether the learner's version `step` is sampled from later: every multiple of interval.
 
-        Every multiple of the interval, the last step of a run included: a finished run can be
-        extended with more steps, which sample from versions the shorter run never needed.
+        Independent of the run's length, so a finished run can be extended: the snapshot its
+        next batch needs was kept (an offline run, interval > steps, takes none).
         """
         return step % self.interval == 0
 
@@ -62,41 +64,3 @@ class SyncSchedule:
     def num_slots(self) -> int:
         """Snapshots that can be due but not yet taken at once: floor(offset / interval) + 1."""
         return self.offset // self.interval + 1
-
-
-@flax.struct.dataclass
-class PendingSnapshots:
-    """Learner parameter snapshots waiting for the sampler, in `num_slots` fixed slots.
-
-    Attributes:
-      params: the parameter pytree with a leading `[num_slots]` axis on every leaf.
-      versions: `[num_slots]` int32, the policy version in each slot, -1 where empty.
-    """
-
-    params: object
-    versions: jax.Array
-
-    @classmethod
-    def empty(cls, params, num_slots: int) -> PendingSnapshots:
-        stacked = jax.tree.map(lambda x: jnp.zeros((num_slots, *x.shape), x.dtype), params)
-        return cls(params=stacked, versions=jnp.full((num_slots,), -1, jnp.int32))
-
-    def push(self, version: int, params) -> PendingSnapshots:
-        """Stores a copy of `params` as `version` in the first empty slot."""
-        empty = [i for i, v in enumerate(jax.device_get(self.versions)) if v < 0]
-        if not empty:
-            raise RuntimeError("no free snapshot slot: the sync schedule took too few snapshots")
-        slot = empty[0]
-        stacked = jax.tree.map(lambda s, x: s.at[slot].set(x), self.params, params)
-        return self.replace(params=stacked, versions=self.versions.at[slot].set(version))
-
-    def take(self, version: int):
-        """Returns (params of `version`, snapshots without it and every older one)."""
-        versions = jax.device_get(self.versions)
-        matches = [i for i, v in enumerate(versions) if v == version]
-        if not matches:
-            raise KeyError(f"policy version {version} was never snapshotted; have {list(versions)}")
-        slot = matches[0]
-        params = jax.tree.map(lambda s: s[slot], self.params)
-        kept = jnp.where((self.versions > version), self.versions, -1)
-        return params, self.replace(versions=kept)

@@ -1,12 +1,12 @@
-"""The off-policy RL loop: sample -> reward -> advantages -> update -> sync (DESIGN.md §1, §4, §5).
+"""The off-policy RL loop: sample -> reward -> learn, one jitted step at a time (DESIGN.md §1).
 
     python -m rl_jax.train [PRESET_OR_JSON] [key=value ...] --out DIR
 
-Two pytrees carry the run: the `LearnerState` (params, optimizer state, step) and the
-`SamplerState` (possibly stale params, policy version, key). At learner step k the sampler must
-hold version v(k) of the sync schedule; when it does not, the due snapshot is swapped in. Every
-rollout carries the version that produced it, and staleness is logged every step. A frozen copy
-of the initial parameters (shared with the sampler's version 0, never donated) serves `kl/ref`.
+The step itself is `rl_jax.step` (a `RunState` through a jitted `sample` and a jitted `learn`,
+the sync schedule applied inside them). This module is the host side around it: prompts in,
+token ids out to the task's reward, rewards back in, metrics read once per step and logged,
+held-out evaluations, checkpoints and resume. `num_seeds` runs go through the same step as one
+vmapped program; each writes its own metrics, TensorBoard events and checkpoints.
 
 Everything random at step k derives from (seed, k), so a run killed and restarted from its last
 checkpoint continues exactly as if it had never stopped.
@@ -15,6 +15,7 @@ checkpoint continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -25,50 +26,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, guards, parallel, run_dir
+from rl_jax import build, groups, guards, parallel, run_dir
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
-from rl_jax.learner import Learner, LearnerState, TrainBatch
+from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
-from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate
-from rl_jax.sync import PendingSnapshots
+from rl_jax.sampler import SamplingConfig
+from rl_jax.step import RunState, Step
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What `train` returns: the final states and every step's metrics."""
+    """What `train` returns: the final state (run axis first) and each run's metrics per step."""
 
     config: config_lib.TrainConfig
-    learner_state: LearnerState
-    sampler_state: SamplerState
-    metrics: list[dict]
+    state: RunState
+    run_metrics: list[list[dict]]
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The first run's metrics (the only run's, with num_seeds = 1)."""
+        return self.run_metrics[0]
 
 
-def rollout_metrics(rollout: Rollout, rewards: np.ndarray, step: int, cap: int) -> dict:
-    """Host-side metrics of one batch of rollouts (DESIGN.md §5)."""
-    lengths = np.asarray(rollout.response_length)
-    staleness = (step - 1) - np.asarray(rollout.policy_version)
-    return {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()),
-        "response_length/mean": float(lengths.mean()),
-        "response_length/max": float(lengths.max()),
-        "response_length/clip_ratio": float(np.asarray(rollout.truncated).mean()),
-        "response_length/cap": float(cap),
-        "staleness/mean": float(staleness.mean()),
-        "staleness/max": float(staleness.max()),
-        "policy_version": float(np.asarray(rollout.policy_version).max()),
-    }
-
-
-def train(config: config_lib.TrainConfig) -> RunResult:
-    """Runs (or resumes) one training run; returns its final states and metrics."""
-    mesh = parallel.make_mesh(config.fsdp)
-    run_dir.check_resume(config)  # refuses another run's out_dir or fewer steps; writes nothing
-    out = pathlib.Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # the first write: an unwritable out_dir fails here
-    run = build.build_run(config)
-    schedule = config.sync_schedule()
+def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
+    """The run's jitted step from its config and its parts."""
     sampling = SamplingConfig(
         eos_id=run.tokenizer.eos_id,
         pad_id=run.tokenizer.pad_id,
@@ -88,108 +70,170 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         micro_batches=config.micro_batches,
         ref_metrics=config.ref_metrics,
     )
+    return Step(learner, sampling, config.sync_schedule(), config.group_size, mesh)
+
+
+def train(config: config_lib.TrainConfig) -> RunResult:
+    """Runs (or resumes) the config's runs; returns their final state and metrics."""
+    mesh = parallel.make_mesh(config.fsdp)
+    runs = config.runs()
+    for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
+        run_dir.check_resume(single)
+    for single in runs:  # the first write: an unwritable out_dir fails here
+        _out(single).mkdir(parents=True, exist_ok=True)
+    run = build.build_run(config)
+    step_fn = make_step(config, run, mesh)
     params = jax.device_put(run.params, parallel.param_shardings(run.params, mesh))
-    ref_params = params  # the sampler's version 0 shares these buffers; neither is donated
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    key = jax.random.key(config.seed)
-    state = {
-        "learner": learner.init(copy(params)),
-        "sampler": SamplerState(params=ref_params, policy_version=jnp.int32(0), key=key),
-        "pending": PendingSnapshots.empty(params, schedule.num_slots),
-    }
-    checkpointer = Checkpointer(
-        out / run_dir.CHECKPOINT_DIR, save_every=config.checkpoint_every or config.steps,
-        keep=config.keep_checkpoints,
-    )  # fmt: skip
-    start = 0
-    restored = checkpointer.restore_latest(state)
-    if restored is not None:
-        start, state, _ = restored
-    metrics_log = []
-    with MetricsWriter(out, config.steps, resume_step=start) as writer:  # refuses a gap
-        run_dir.write_config(config)
+    state = step_fn.init(params, [single.seed for single in runs])
+    checkpointers = [
+        Checkpointer(
+            _out(single) / run_dir.CHECKPOINT_DIR,
+            save_every=config.checkpoint_every or config.steps,
+            keep=config.keep_checkpoints,
+        )  # fmt: skip
+        for single in runs
+    ]
+    start, state = restore(checkpointers, state)
+    host = HostSide(config, run, step_fn, mesh)
+    run_metrics = [[] for _ in runs]
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                MetricsWriter(_out(single), config.steps, resume_step=start, **_console(i, config))
+            )
+            for i, single in enumerate(runs)
+        ]  # each refuses a gap in its metrics.jsonl before the restored step
+        for single in runs:
+            run_dir.write_config(single)
         if start:
-            print(f"resuming {out} from step {start}", flush=True)
+            print(f"resuming {config.out_dir} from step {start}", flush=True)
         if start == 0 and config.evaluates_at(0):
-            writer.write(
-                0, {"eval/reward": evaluate(run, learner, state["learner"], sampling, config)}
-            )
+            for writer, reward in zip(writers, host.evaluate(state), strict=True):
+                writer.write(0, {"eval/reward": reward})
         for step in range(start + 1, config.steps + 1):
-            state, metrics = train_step(
-                run, learner, state, sampling, mesh, ref_params, step, config
-            )
+            state, step_metrics = host.step(state, step)
             if config.evaluates_at(step):
-                metrics["eval/reward"] = evaluate(run, learner, state["learner"], sampling, config)
-            writer.write(step, metrics)
-            metrics_log.append({"step": step, **metrics})
-            if checkpointer.should_save(step, config.steps):
-                checkpointer.save(step, state, {"step": step, "config": config.to_json()})
-    checkpointer.close()
-    return RunResult(config, state["learner"], state["sampler"], metrics_log)
+                for metrics, reward in zip(step_metrics, host.evaluate(state), strict=True):
+                    metrics["eval/reward"] = reward
+            for writer, log, metrics in zip(writers, run_metrics, step_metrics, strict=True):
+                writer.write(step, metrics)
+                log.append({"step": step, **metrics})
+            if checkpointers[0].should_save(step, config.steps):
+                for i, (ckpt, single) in enumerate(zip(checkpointers, runs, strict=True)):
+                    run_state = jax.tree.map(lambda x, i=i: x[i], state)
+                    ckpt.save(step, run_state, {"step": step, "config": single.to_json()})
+    for ckpt in checkpointers:
+        ckpt.close()
+    return RunResult(config, state, run_metrics)
 
 
-def train_step(run, learner, state, sampling, mesh, ref_params, step, config):
-    """Learner step k: sync if due, sample, score, update, snapshot if due. Returns new state."""
-    schedule = config.sync_schedule()
-    sampler, pending = state["sampler"], state["pending"]
-    version = schedule.version_for_step(step)
-    if int(sampler.policy_version) != version:
-        sampler_params, pending = pending.take(version)
-        sampler = sampler.replace(params=sampler_params, policy_version=jnp.int32(version))
-
-    t0 = time.perf_counter()
-    examples = run.task.sample_prompts((config.seed, step), config.prompts_per_step)
-    prompt_tokens, prompt_mask = run.tokenizer.encode_batch(
-        [ex.prompt for ex in examples], length=run.task.max_prompt_len, add_bos=True
-    )
-    sampler = sampler.replace(key=jax.random.fold_in(jax.random.key(config.seed), step))
-    rollout, sampler = generate(
-        run.graphdef, sampler, prompt_tokens, prompt_mask, sampling,
-        group_size=config.group_size, mesh=mesh,
-    )  # fmt: skip
-    texts = run.tokenizer.decode_batch(np.asarray(rollout.response_tokens))
-    grouped = [ex for ex in examples for _ in range(config.group_size)]
-    rewards = np.array(
-        [run.task.reward(t, ex) for t, ex in zip(texts, grouped, strict=True)], np.float32
-    )
-    guards.check_rewards(rewards, texts, [ex.prompt for ex in grouped])
-    t1 = time.perf_counter()
-
-    batch = TrainBatch.from_rollout(rollout, parallel.shard_batch(rewards, mesh))
-    learner_key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    learner_state, learner_metrics = learner.update(
-        state["learner"], batch, ref_params if config.ref_metrics else None, learner_key
-    )
-    learner_metrics = {k: float(v) for k, v in jax.device_get(learner_metrics).items()}
-    guards.check_update(step, learner_metrics)
-    t2 = time.perf_counter()
-
-    if schedule.snapshot_due(step):
-        pending = pending.push(step, learner_state.params)
-    num_tokens = float(np.asarray(rollout.response_length).sum())
-    metrics = rollout_metrics(rollout, rewards, step, run.max_response_len)
-    metrics.update(learner_metrics)
-    metrics.update({
-        "time/sample": t1 - t0,
-        "time/learn": t2 - t1,
-        "throughput/tokens_per_s": num_tokens / max(t2 - t0, 1e-9),
-    })  # fmt: skip
-    return {"learner": learner_state, "sampler": sampler, "pending": pending}, metrics
+def _out(single: config_lib.TrainConfig) -> pathlib.Path:
+    return pathlib.Path(single.out_dir)
 
 
-def evaluate(run, learner, learner_state, sampling, config) -> float:
-    """Mean reward of the learner's policy on the fixed held-out prompts (one response each)."""
-    examples = run.task.eval_examples(config.eval_prompts)
-    prompt_tokens, prompt_mask = run.tokenizer.encode_batch(
-        [ex.prompt for ex in examples], length=run.task.max_prompt_len, add_bos=True
-    )
-    state = SamplerState(
-        params=learner_state.params, policy_version=learner_state.step,
-        key=jax.random.key(config.seed + 2),
-    )  # fmt: skip
-    rollout, _ = generate(run.graphdef, state, prompt_tokens, prompt_mask, sampling, group_size=1)
-    texts = run.tokenizer.decode_batch(np.asarray(rollout.response_tokens))
-    return float(np.mean([run.task.reward(t, ex) for t, ex in zip(texts, examples, strict=True)]))
+def _console(run_index: int, config: config_lib.TrainConfig) -> dict:
+    """The first run shows progress; the others only their last line."""
+    return {} if run_index == 0 else {"progress": False, "log_every": config.steps}
+
+
+def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, RunState]:
+    """(step, state) of the newest step every run has a loadable checkpoint of; (0, state) if none.
+
+    Runs advance in lockstep, so a kill between two runs' saves leaves them one save apart: they
+    all resume from the older one (each run keeps `keep_checkpoints` >= 1 of them).
+    """
+    singles = [jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(checkpointers))]
+    limit = None
+    while True:
+        restored = [ckpt.restore_latest(s, max_step=limit) for ckpt, s in zip(
+            checkpointers, singles, strict=True)]  # fmt: skip
+        if any(r is None for r in restored):
+            return 0, state
+        steps = {r[0] for r in restored}
+        if len(steps) == 1:
+            break
+        limit = min(steps)
+    for ckpt in checkpointers:
+        ckpt.discard_after(restored[0][0])
+    stack = lambda like, *xs: jax.device_put(jnp.stack(xs), like.sharding)
+    return restored[0][0], jax.tree.map(stack, state, *[r[1] for r in restored])
+
+
+@dataclasses.dataclass
+class HostSide:
+    """What the host does around the jitted step: prompts, rewards, metric reads, evaluation."""
+
+    config: config_lib.TrainConfig
+    run: build.Run
+    step_fn: Step
+    mesh: object
+
+    def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
+        """Learner step k of every run: sample, score on the host, learn; each run's metrics."""
+        config, run = self.config, self.run
+        t0 = time.perf_counter()
+        examples = [
+            run.task.sample_prompts((single.seed, step), config.prompts_per_step)
+            for single in config.runs()
+        ]
+        tokens, mask = self._encode(examples)
+        rollout, state = self.step_fn.sample(state, tokens, mask, step)
+        rewards = self._rewards(np.asarray(rollout.response_tokens), examples, config.group_size)
+        rewards = jax.device_put(rewards, parallel.run_batch_sharding(self.mesh))
+        t1 = time.perf_counter()
+        state, metrics = self.step_fn.learn(state, rollout, rewards, step)
+        metrics = jax.device_get(metrics)
+        t2 = time.perf_counter()
+        rows = config.prompts_per_step * config.group_size
+        out = []
+        for i in range(config.num_seeds):
+            values = {name: float(value[i]) for name, value in metrics.items()}
+            guards.check_update(
+                step, values, seed=config.seed + i if config.num_seeds > 1 else None
+            )
+            values.update({
+                "time/sample": t1 - t0,
+                "time/learn": t2 - t1,
+                "throughput/tokens_per_s": values["response_length/mean"] * rows
+                / max(t2 - t0, 1e-9),
+            })  # fmt: skip
+            out.append(values)
+        return state, out
+
+    def evaluate(self, state: RunState) -> list[float]:
+        """Each run's mean reward on the fixed held-out prompts (one response each)."""
+        examples = self.run.task.eval_examples(self.config.eval_prompts)
+        tokens, mask = self.run.tokenizer.encode_batch(
+            [ex.prompt for ex in examples], length=self.run.task.max_prompt_len, add_bos=True
+        )
+        rollout = self.step_fn.evaluate(state, *jax.device_put((tokens, mask)))
+        runs = [examples] * self.config.num_seeds
+        rewards = self._rewards(np.asarray(rollout.response_tokens), runs, 1)
+        return [float(r.mean()) for r in rewards]
+
+    def _encode(self, examples: list[list]):
+        encoded = [
+            self.run.tokenizer.encode_batch(
+                [ex.prompt for ex in run_examples],
+                length=self.run.task.max_prompt_len,
+                add_bos=True,
+            )  # fmt: skip
+            for run_examples in examples
+        ]
+        return jax.device_put(
+            (np.stack([t for t, _ in encoded]), np.stack([m for _, m in encoded]))
+        )
+
+    def _rewards(self, tokens: np.ndarray, examples: list[list], group_size: int) -> np.ndarray:
+        """`[runs, rows]` float32 rewards of `[runs, rows, N]` response token ids."""
+        out = []
+        for run_tokens, run_examples in zip(tokens, examples, strict=True):
+            texts = self.run.tokenizer.decode_batch(run_tokens)
+            rows = groups.examples_for_rows(run_examples, group_size)
+            run_rewards = [self.run.task.reward(t, ex) for t, ex in zip(texts, rows, strict=True)]
+            guards.check_rewards(np.asarray(run_rewards), texts, [ex.prompt for ex in rows])
+            out.append(run_rewards)
+        return np.asarray(out, np.float32)
 
 
 def main(argv=None) -> int:
@@ -220,7 +264,7 @@ def main(argv=None) -> int:
     try:
         result = train(config)
     except (ValueError, OSError, guards.NonFiniteError, CheckpointSaveError) as err:
-        run_dir.remove_if_no_output(created, config.out_dir)
+        run_dir.remove_if_no_output(created, config)
         return _report(err)
     if not result.metrics:
         print(f"nothing to do: the run in {config.out_dir} has finished its {config.steps} steps")

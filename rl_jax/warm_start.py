@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rl_jax import models, sampler
+from rl_jax import models, sampler, sampling
 from rl_jax.tasks.arithmetic import ArithmeticTask, classify, parse_terms
 from rl_jax.tasks.arithmetic import solution as chain_solution
 
@@ -175,8 +175,9 @@ def _make_train_step(graphdef, optimizer, prompt_width: int):
         logits = models.forward(
             graphdef, params, inputs, None, _attention_mask(inputs, prompt_width)
         )
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        target_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        target_logp = sampling.gather_logp(
+            sampling.tempered_log_softmax(logits, 1.0), tokens[:, 1:]
+        )
         return -jnp.sum(target_logp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
 
     @jax.jit

@@ -28,22 +28,22 @@ def make_batch(seed=0):
         prompt_mask=jnp.asarray(np.arange(P)[None] >= rng.integers(0, 3, (B, 1)), jnp.int32),
         response_tokens=jnp.asarray(rng.integers(3, VOCAB, (B, N)), jnp.int32),
         response_mask=jnp.asarray(np.arange(N)[None] < lengths, jnp.float32),
-        behaviour_logp=jnp.asarray(-rng.uniform(0.5, 4, (B, N)), jnp.float32),
+        untruncated_logp=jnp.asarray(-rng.uniform(0.5, 4, (B, N)), jnp.float32),
         rewards=jnp.asarray(rng.integers(0, 2, B), jnp.float32),
     )
 
 
 def test_train_batch_from_rollout_scores_the_untruncated_distribution():
-    """The behaviour side is the rollout's full_logp (what the learner recomputes), not the
-    truncated top-k / top-p behaviour_logp; every other field is passed through."""
+    """The behaviour side is the rollout's untruncated_logp (what the learner recomputes), not the
+    truncated top-k / top-p sampled_logp; every other field is passed through."""
     batch = make_batch()
     rollout = Rollout(
         prompt_tokens=batch.prompt_tokens,
         prompt_mask=batch.prompt_mask,
         response_tokens=batch.response_tokens,
         response_mask=batch.response_mask,
-        behaviour_logp=batch.behaviour_logp + 0.5,  # truncated: differs from full_logp
-        full_logp=batch.behaviour_logp,
+        sampled_logp=batch.untruncated_logp + 0.5,  # truncated: differs from untruncated_logp
+        untruncated_logp=batch.untruncated_logp,
         response_length=jnp.sum(batch.response_mask, 1).astype(jnp.int32),
         truncated=jnp.zeros((B,), bool),
         policy_version=jnp.zeros((B,), jnp.int32),
@@ -99,7 +99,7 @@ def test_metrics_before_update(policy, updates):
     for name in ("kl/ref", "kl/ref_k3", "kl/ref_full"):
         assert abs(float(metrics[name])) < 1e-6, name
     logp, _ = losses.token_logprobs(logits, batch.response_tokens)
-    expected = (0.5 * (logp - batch.behaviour_logp) ** 2 * mask).sum() / mask.sum()
+    expected = (0.5 * (logp - batch.untruncated_logp) ** 2 * mask).sum() / mask.sum()
     np.testing.assert_allclose(metrics["kl/behaviour"], expected, rtol=1e-5)
     assert metrics["num_tokens"] == mask.sum()
 
@@ -109,7 +109,7 @@ def test_on_policy_ratio_is_one(policy, updates):
     batch = make_batch()
     logits = response_logits(graphdef, params, batch)
     logp, _ = losses.token_logprobs(logits, batch.response_tokens)
-    batch = batch.replace(behaviour_logp=logp)
+    batch = batch.replace(untruncated_logp=logp)
     learner = Learner(graphdef, algorithms.get("grpo"), group_size=G)  # compiled by `updates`
     state = learner.init(jax.tree.map(jnp.copy, params))
     _, metrics = learner.update(state, batch, params, jax.random.key(0))

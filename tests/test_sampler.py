@@ -72,9 +72,9 @@ LOGITS_PROBS = np.array([0.1, 0.2, 0.3, 0.4])
 def test_sampling_logprobs_hand_computed(config, behaviour_probs):
     logits = jnp.broadcast_to(LOGITS, (4, 4))
     tokens = jnp.arange(4)
-    behaviour_logp, full_logp = sampling.sampling_logprobs(logits, tokens, config)
-    np.testing.assert_allclose(np.exp(behaviour_logp), behaviour_probs, atol=1e-6)
-    np.testing.assert_allclose(np.exp(full_logp), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+    sampled_logp, untruncated_logp = sampling.sampling_logprobs(logits, tokens, config)
+    np.testing.assert_allclose(np.exp(sampled_logp), behaviour_probs, atol=1e-6)
+    np.testing.assert_allclose(np.exp(untruncated_logp), [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
 
 
 @settings(max_examples=30, deadline=None)
@@ -99,9 +99,9 @@ def test_truncated_distribution_is_a_normalised_top_set(logits, top_k, top_p, te
 
 def test_temperature_scales_before_softmax():
     config = SamplingConfig(eos_id=0, temperature=2.0)
-    _, full_logp = sampling.sampling_logprobs(LOGITS, jnp.array([3]), config)
+    _, untruncated_logp = sampling.sampling_logprobs(LOGITS, jnp.array([3]), config)
     expected = 0.5 * np.log(0.4) - np.log(np.sum(np.sqrt([0.1, 0.2, 0.3, 0.4])))
-    np.testing.assert_allclose(full_logp, [expected], rtol=1e-6)
+    np.testing.assert_allclose(untruncated_logp, [expected], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -115,13 +115,13 @@ def test_sample_tokens_frequencies_and_recorded_logp(config, probs):
     rows = 20_000
     keys = jax.random.split(jax.random.key(0), rows)
     logits = jnp.broadcast_to(LOGITS, (rows, 4))
-    tokens, behaviour_logp, full_logp = jax.jit(sampling.sample_tokens, static_argnums=2)(
+    tokens, sampled_logp, untruncated_logp = jax.jit(sampling.sample_tokens, static_argnums=2)(
         logits, keys, config
     )
     frequencies = np.bincount(np.asarray(tokens), minlength=4) / rows
     np.testing.assert_allclose(frequencies, probs, atol=0.015)  # ~4 standard errors
-    np.testing.assert_allclose(np.exp(behaviour_logp), np.asarray(probs)[tokens], rtol=1e-5)
-    np.testing.assert_allclose(np.exp(full_logp), LOGITS_PROBS[tokens], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(sampled_logp), np.asarray(probs)[tokens], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(untruncated_logp), LOGITS_PROBS[tokens], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- generation
@@ -174,7 +174,7 @@ def test_rollout_layout_groups_and_version(run, prompts):
     batch, width = num_prompts * GROUP, 16  # prompt width 5 and cap 12 both bucket to 16
     chex.assert_shape([rollout.prompt_tokens, rollout.prompt_mask], (batch, width))
     chex.assert_shape(
-        [rollout.response_tokens, rollout.response_mask, rollout.behaviour_logp], (batch, width)
+        [rollout.response_tokens, rollout.response_mask, rollout.sampled_logp], (batch, width)
     )
     grouped = np.asarray(rollout.prompt_tokens).reshape(num_prompts, GROUP, width)[..., -5:]
     np.testing.assert_array_equal(grouped, np.repeat(prompts[0][:, None], GROUP, axis=1))
@@ -203,10 +203,10 @@ def test_greedy_is_argmax_of_full_forward(run, policy):
     rollout, _ = run(GREEDY)
     logits = _rescored(policy, rollout)[:, :CAP]
     np.testing.assert_array_equal(rollout.response_tokens[:, :CAP], jnp.argmax(logits, -1))
-    np.testing.assert_array_equal(rollout.behaviour_logp, 0.0)
+    np.testing.assert_array_equal(rollout.sampled_logp, 0.0)
     full_logp = jax.nn.log_softmax(logits / GREEDY.temperature, -1)
     expected = jnp.take_along_axis(full_logp, rollout.response_tokens[:, :CAP, None], -1)[..., 0]
-    np.testing.assert_allclose(rollout.full_logp[:, :CAP], expected, atol=1e-5)
+    np.testing.assert_allclose(rollout.untruncated_logp[:, :CAP], expected, atol=1e-5)
 
 
 def test_top_k_one_equals_greedy(run):
@@ -215,17 +215,23 @@ def test_top_k_one_equals_greedy(run):
     chex.assert_trees_all_close(greedy, top1, atol=1e-6)
 
 
-def test_behaviour_logp_equals_full_forward_recompute(run, policy):
+def test_recorded_logps_equal_a_full_forward_recompute(run, policy):
     rollout, _ = run(SAMPLED)
     logits = _rescored(policy, rollout)
-    behaviour_logp, full_logp = sampling.sampling_logprobs(logits, rollout.response_tokens, SAMPLED)
+    sampled_logp, untruncated_logp = sampling.sampling_logprobs(
+        logits, rollout.response_tokens, SAMPLED
+    )
     mask = rollout.response_mask > 0
-    assert np.max(np.abs(np.where(mask, behaviour_logp - rollout.behaviour_logp, 0))) < 1e-5
-    assert np.max(np.abs(np.where(mask, full_logp - rollout.full_logp, 0))) < 1e-5
-    assert np.all(np.isfinite(rollout.behaviour_logp))
+    assert np.max(np.abs(np.where(mask, sampled_logp - rollout.sampled_logp, 0))) < 1e-5
+    assert np.max(np.abs(np.where(mask, untruncated_logp - rollout.untruncated_logp, 0))) < 1e-5
+    assert np.all(np.isfinite(rollout.sampled_logp))
     # truncation renormalises: the behaviour distribution puts more mass on every kept token
-    assert np.all(np.asarray(rollout.behaviour_logp)[mask] >= np.asarray(rollout.full_logp)[mask])
-    assert np.any(np.asarray(rollout.behaviour_logp)[mask] > np.asarray(rollout.full_logp)[mask])
+    assert np.all(
+        np.asarray(rollout.sampled_logp)[mask] >= np.asarray(rollout.untruncated_logp)[mask]
+    )
+    assert np.any(
+        np.asarray(rollout.sampled_logp)[mask] > np.asarray(rollout.untruncated_logp)[mask]
+    )
 
 
 def test_eos_and_stop_sequences_end_and_mask(run):
@@ -248,8 +254,8 @@ def test_eos_and_stop_sequences_end_and_mask(run):
     np.testing.assert_array_equal(ended.response_length, lengths)
     np.testing.assert_array_equal(ended.response_mask, live.astype(np.float32))
     np.testing.assert_array_equal(ended.response_tokens, np.where(live, free_tokens, 0))
-    np.testing.assert_array_equal(ended.behaviour_logp, np.where(live, free.behaviour_logp, 0))
-    np.testing.assert_array_equal(ended.full_logp, np.where(live, free.full_logp, 0))
+    np.testing.assert_array_equal(ended.sampled_logp, np.where(live, free.sampled_logp, 0))
+    np.testing.assert_array_equal(ended.untruncated_logp, np.where(live, free.untruncated_logp, 0))
     np.testing.assert_array_equal(ended.truncated, truncated)
 
 

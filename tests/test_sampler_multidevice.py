@@ -48,8 +48,8 @@ for name, mesh in meshes.items():
         "tokens_equal": bool(np.array_equal(single.response_tokens, sharded.response_tokens)),
         "masks_equal": bool(np.array_equal(single.response_mask, sharded.response_mask)),
         "max_logp_diff": float(max(
-            np.max(np.abs(single.behaviour_logp - sharded.behaviour_logp)),
-            np.max(np.abs(single.full_logp - sharded.full_logp)),
+            np.max(np.abs(single.sampled_logp - sharded.sampled_logp)),
+            np.max(np.abs(single.untruncated_logp - sharded.untruncated_logp)),
         )),
         "lengths_equal": bool(np.array_equal(single.response_length, sharded.response_length)),
         "truncated_equal": bool(np.array_equal(single.truncated, sharded.truncated)),

@@ -56,8 +56,10 @@ def test_staleness_follows_the_schedule(tmp_path, interval, offset, steps):
             assert m["kl/behaviour"] < 1e-8
     else:  # stale data: the learner has moved away from the behaviour policy
         assert max(abs(m["ratio/max"] - 1) for m in logged[1:]) > 1e-3
-    assert int(result.learner_state.step) == steps
-    assert int(result.sampler_state.policy_version) == schedule.version_for_step(steps)
+    np.testing.assert_array_equal(result.state.learner.step, [steps])
+    np.testing.assert_array_equal(
+        result.state.sampler.policy_version, [schedule.version_for_step(steps)]
+    )
 
 
 def _train_command(out, steps):

@@ -1,0 +1,210 @@
+"""One RL step as pure functions of one state pytree (DESIGN.md §1, §4; arXiv 2509.24203 §4).
+
+    rollout, state = step.sample(state, prompt_tokens, prompt_mask, k)   jitted
+    rewards        = task reward of rollout.response_tokens              the host boundary
+    state, metrics = step.learn(state, rollout, rewards, k)              jitted
+
+`RunState` holds everything a run carries from step to step: the learner's state, the sampler's
+(possibly stale) parameters and policy version, the pending snapshots of the sync schedule, the
+frozen reference parameters of `kl/ref` and the run's root key. `sample` applies the schedule
+inside the state transition: when the sampler does not hold v(k) it takes that snapshot from
+`pending`, then it generates the batch. `learn` scores the rollout, updates the learner, keeps
+its new parameters in `pending` when a later step samples from them, and returns the step's
+metrics as device arrays (read once, when they are logged). Token ids out and rewards in are the
+only host transfers of a step.
+
+Every array of a `RunState` has a leading run axis: `num_seeds` runs (one per seed) are one
+vmapped program, and run i computes what a single run of seed i computes.
+
+Keys: one root per run, `key(seed)`; each use folds in its own purpose and the step, so no two
+seeds or roles share draws: sampling at step k uses fold_in(fold_in(root, SAMPLE), k), the
+learner (RED-Drop) fold_in(fold_in(root, LEARN), k), the held-out evaluation fold_in(root, EVAL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from rl_jax import groups
+from rl_jax.learner import Learner, LearnerState, TrainBatch
+from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate_rows
+from rl_jax.sync import SyncSchedule
+
+SAMPLE, LEARN, EVAL = 0, 1, 2  # key purposes
+
+
+def purpose_key(root: jax.Array, purpose: int, step=None) -> jax.Array:
+    """fold_in(root, purpose), then the step if given: the key of one use of the run's root."""
+    key = jax.random.fold_in(root, purpose)
+    return key if step is None else jax.random.fold_in(key, step)
+
+
+@flax.struct.dataclass
+class PendingSnapshots:
+    """Learner parameter snapshots waiting for the sampler, in `num_slots` fixed slots.
+
+    params: the parameter pytree with a leading `[num_slots]` axis on every leaf.
+    versions: `[num_slots]` int32, the policy version in each slot, -1 where empty.
+    `push` and `take` are traced: the schedule guarantees a free slot and the wanted version
+    (`SyncSchedule.num_slots`; tests/test_step.py checks every schedule of the studies).
+    """
+
+    params: Any
+    versions: jax.Array
+
+    @classmethod
+    def empty(cls, params, num_slots: int) -> PendingSnapshots:
+        stacked = jax.tree.map(lambda x: jnp.zeros((num_slots, *x.shape), x.dtype), params)
+        return cls(params=stacked, versions=jnp.full((num_slots,), -1, jnp.int32))
+
+    def push(self, version, params, due) -> PendingSnapshots:
+        """Where `due`, stores `params` as `version` in the first empty slot."""
+        slot = jnp.argmax(self.versions < 0)
+        keep = lambda stacked, x: stacked.at[slot].set(jnp.where(due, x, stacked[slot]))
+        versions = self.versions.at[slot].set(jnp.where(due, version, self.versions[slot]))
+        return PendingSnapshots(jax.tree.map(keep, self.params, params), versions)
+
+    def take(self, version) -> tuple[Any, PendingSnapshots]:
+        """(params of `version`, snapshots without it and every older one)."""
+        slot = jnp.argmax(self.versions == version)
+        params = jax.tree.map(lambda stacked: stacked[slot], self.params)
+        return params, self.replace(versions=jnp.where(self.versions > version, self.versions, -1))
+
+
+@flax.struct.dataclass
+class RunState:
+    """The whole state of a run (module docstring); every leaf has a leading run axis."""
+
+    learner: LearnerState
+    sampler: SamplerState
+    pending: PendingSnapshots
+    ref_params: Any
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """The static settings of a run's step; `sample`, `learn` and `evaluate` compile once each.
+
+    learner: the update (`rl_jax.learner.Learner`); sampling: how tokens are drawn;
+    schedule: the sync schedule; group_size: G; mesh: rows are split over all its devices.
+    """
+
+    learner: Learner
+    sampling: SamplingConfig
+    schedule: SyncSchedule
+    group_size: int
+    mesh: Mesh | None = None
+
+    def init(self, params, seeds) -> RunState:
+        """The state of runs with `seeds` at step 0, all from the same initial `params`.
+
+        Reference, sampler and learner parameters are separate buffers, so the donated steps
+        never alias one buffer twice.
+        """
+        num_runs = len(seeds)
+        stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * num_runs), tree)
+        roots = jnp.stack([jax.random.key(s) for s in seeds])
+        single = lambda p, root: RunState(
+            learner=self.learner.init_state(p),
+            sampler=SamplerState.create(jax.tree.map(jnp.copy, p), purpose_key(root, SAMPLE)),
+            pending=PendingSnapshots.empty(p, self.schedule.num_slots),
+            ref_params=jax.tree.map(jnp.copy, p),
+            key=root,
+        )
+        return jax.jit(jax.vmap(single))(stack(params), roots)
+
+    def sample(self, state: RunState, prompt_tokens, prompt_mask, step):
+        """Sync if due, then draw G responses per prompt: (Rollout, state), run axis first.
+
+        prompt_tokens, prompt_mask: `[runs, num_prompts, P]` left-padded; `step`: k >= 1.
+        """
+        return _sample(self, state, prompt_tokens, prompt_mask, step)
+
+    def learn(self, state: RunState, rollout: Rollout, rewards, step):
+        """Update on the rollout and its `[runs, rows]` rewards: (state, metrics), run axis first."""
+        return _learn(self, state, rollout, rewards, step)
+
+    def evaluate(self, state: RunState, prompt_tokens, prompt_mask) -> Rollout:
+        """One response per held-out prompt from the learner's policy, `[runs, num_prompts, ...]`.
+
+        The same key at every evaluation, so successive evaluations differ by the policy only.
+        """
+        return _evaluate(self, state, prompt_tokens, prompt_mask)
+
+    # -- one run, traced ---------------------------------------------------------------------
+
+    def _sample_one(self, state: RunState, prompt_tokens, prompt_mask, step):
+        version = self.schedule.version_for_step(step)
+        snapshot, pending = state.pending.take(version)
+        swap = state.sampler.policy_version != version
+        pick = lambda new, old: jnp.where(swap, new, old)
+        sampler = state.sampler.replace(
+            params=jax.tree.map(pick, snapshot, state.sampler.params),
+            policy_version=jnp.where(swap, version, state.sampler.policy_version),
+        )
+        pending = jax.tree.map(pick, pending, state.pending)
+        rollout = generate_rows(
+            self.learner.graphdef, sampler.params, sampler.policy_version,
+            jax.random.fold_in(sampler.key, step),
+            groups.rows_from_prompts(prompt_tokens, self.group_size),
+            groups.rows_from_prompts(prompt_mask, self.group_size), self.sampling, self.mesh,
+        )  # fmt: skip
+        return rollout, state.replace(sampler=sampler, pending=pending)
+
+    def _learn_one(self, state: RunState, rollout: Rollout, rewards, step):
+        batch = TrainBatch.from_rollout(rollout, rewards)
+        ref_params = state.ref_params if self.learner.ref_metrics else None
+        key = purpose_key(state.key, LEARN, step)
+        learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key)
+        due = self.schedule.snapshot_due(step)
+        pending = state.pending.push(step, learner.params, due)
+        metrics.update(rollout_metrics(rollout, rewards, step, self.sampling.max_new_tokens))
+        return state.replace(learner=learner, pending=pending), metrics
+
+
+def rollout_metrics(rollout: Rollout, rewards, step, cap: int) -> dict:
+    """Metrics of one batch of rollouts (DESIGN.md §5), traced."""
+    lengths = rollout.response_length.astype(jnp.float32)
+    staleness = (step - 1 - rollout.policy_version).astype(jnp.float32)
+    return {
+        "reward/mean": jnp.mean(rewards),
+        "reward/std": jnp.std(rewards),
+        "response_length/mean": jnp.mean(lengths),
+        "response_length/max": jnp.max(lengths),
+        "response_length/clip_ratio": jnp.mean(rollout.truncated.astype(jnp.float32)),
+        "response_length/cap": jnp.float32(cap),
+        "staleness/mean": jnp.mean(staleness),
+        "staleness/max": jnp.max(staleness),
+        "policy_version": jnp.max(rollout.policy_version).astype(jnp.float32),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, step):
+    return jax.vmap(step_fn._sample_one, in_axes=(0, 0, 0, None))(
+        state, prompt_tokens, prompt_mask, step
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _learn(step_fn: Step, state, rollout, rewards, step):
+    return jax.vmap(step_fn._learn_one, in_axes=(0, 0, 0, None))(state, rollout, rewards, step)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
+    def one(params, version, root):
+        return generate_rows(
+            step_fn.learner.graphdef, params, version, purpose_key(root, EVAL), prompt_tokens,
+            prompt_mask, step_fn.sampling, step_fn.mesh,
+        )  # fmt: skip
+
+    return jax.vmap(one)(state.learner.params, state.learner.step, state.key)

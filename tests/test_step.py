@@ -1,0 +1,185 @@
+"""The jitted step (rl_jax/step.py): no hidden transfers, traced sync, independent keys, many
+seeds in one program equal to single runs, lockstep resume, and the import structure."""
+
+import ast
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_jax import build, parallel, step
+from rl_jax import config as config_lib
+from rl_jax.metrics import read_metrics
+from rl_jax.sync import SyncSchedule
+from rl_jax.train import HostSide, make_step, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = {"prompts_per_step": 2, "group_size": 4, "eval_every": 0, "learning_rate": 3e-4}
+
+
+@pytest.mark.parametrize("interval,offset", [(1, 0), (20, 0), (1, 10), (4, 6), (1000, 0)])
+def test_pending_snapshots_serve_every_version_the_schedule_asks_for(interval, offset):
+    """Traced push/take over 70 steps: the sampler always holds v(k), with the learner's
+    parameters of exactly that version, and no snapshot is ever lost for lack of a slot."""
+    schedule = SyncSchedule(interval, offset)
+
+    @jax.jit
+    def transition(pending, held, held_params, k):
+        version = schedule.version_for_step(k)
+        snapshot, taken = pending.take(version)
+        swap = held != version
+        pending = jax.tree.map(lambda a, b: jnp.where(swap, a, b), taken, pending)
+        held_params = jnp.where(swap, snapshot["w"], held_params)
+        held = jnp.where(swap, version, held)
+        pending = pending.push(k, {"w": jnp.full((2,), k, jnp.float32)}, schedule.snapshot_due(k))
+        return pending, held, held_params
+
+    pending = step.PendingSnapshots.empty({"w": jnp.zeros((2,))}, schedule.num_slots)
+    held, held_params = jnp.int32(0), jnp.zeros((2,))
+    for k in range(1, 71):
+        pending, held, held_params = transition(pending, held, held_params, k)
+        assert int(held) == schedule.version_for_step(k)
+        np.testing.assert_array_equal(held_params, np.full((2,), int(held), np.float32))
+
+
+def test_keys_of_seeds_and_purposes_are_all_distinct():
+    """The old scheme used key(seed + 1) for the learner, so seed 1's sampler drew what seed 0's
+    learner drew; every (seed, purpose, step) key is now distinct."""
+    seen = set()
+    for seed in range(4):
+        root = jax.random.key(seed)
+        for purpose in (step.SAMPLE, step.LEARN, step.EVAL):
+            for k in (None, 1, 2, 3):
+                data = tuple(np.asarray(jax.random.key_data(step.purpose_key(root, purpose, k))))
+                assert data not in seen
+                seen.add(data)
+    sampler_seed1 = step.purpose_key(jax.random.key(1), step.SAMPLE, 5)
+    learner_seed0 = step.purpose_key(jax.random.key(0), step.LEARN, 5)
+    assert not np.array_equal(
+        jax.random.key_data(sampler_seed1), jax.random.key_data(learner_seed0)
+    )
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    config = config_lib.build(
+        "embedded", **SMALL, steps=3, num_seeds=2, out_dir=str(tmp_path_factory.mktemp("h"))
+    )
+    run = build.build_run(config)
+    mesh = parallel.make_mesh(1)
+    return HostSide(config, run, make_step(config, run, mesh), mesh)
+
+
+def test_jitted_sample_and_learn_make_no_implicit_transfers(host):
+    step_fn, config = host.step_fn, host.config
+    state = step_fn.init(host.run.params, [0, 1])
+    examples = [host.run.task.sample_prompts((s, 1), config.prompts_per_step) for s in (0, 1)]
+    tokens, mask = host._encode(examples)
+    k = jax.device_put(np.int32(1))
+    with jax.transfer_guard("disallow"):
+        rollout, state = step_fn.sample(state, tokens, mask, k)
+    rewards = host._rewards(np.asarray(rollout.response_tokens), examples, config.group_size)
+    rewards = jax.device_put(rewards)
+    with jax.transfer_guard("disallow"):
+        state, metrics = step_fn.learn(state, rollout, rewards, k)
+        jax.block_until_ready(metrics)
+    assert metrics["loss"].shape == (2,)
+    assert rollout.response_tokens.shape[:2] == (2, config.prompts_per_step * config.group_size)
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds")
+    fields = {**SMALL, "steps": 4, "sync_interval": 2, "checkpoint_every": 2}
+    many = train(config_lib.build("embedded", **fields, num_seeds=2, out_dir=str(out / "many")))
+    one = train(config_lib.build("embedded", **fields, seed=1, out_dir=str(out / "one")))
+    return out, many, one
+
+
+def test_run_i_of_many_equals_a_single_run_of_seed_i(two_seeds):
+    out, many, one = two_seeds
+    assert [m["step"] for m in read_metrics(out / "many" / "seed_1")] == [1, 2, 3, 4]
+    assert (out / "many" / "seed_0" / "checkpoints" / "4").is_dir()
+    stored = config_lib.TrainConfig(**__import__("json").loads(
+        (out / "many" / "seed_1" / "config.json").read_text()))  # fmt: skip
+    assert (stored.seed, stored.num_seeds) == (1, 1)
+    for got, want in zip(many.run_metrics[1], one.metrics, strict=True):
+        for name, value in want.items():
+            if name.startswith(("time/", "throughput/")):
+                continue
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert many.run_metrics[0] != many.run_metrics[1]  # the seeds are different runs
+    # Adam moves each element by about lr * g / |g|: summation-order noise in a near-zero gradient
+    # element (vmapped vs single matmuls) can move it by up to lr; all others agree to 1e-6.
+    lr = SMALL["learning_rate"]
+    got = np.concatenate([np.ravel(x[1]) for x in jax.tree.leaves(many.state.learner.params)])
+    want = np.concatenate([np.ravel(x[0]) for x in jax.tree.leaves(one.state.learner.params)])
+    assert np.max(np.abs(got - want)) <= 4 * lr
+    assert np.mean(np.abs(got - want) <= 1e-6) > 0.999
+
+
+def test_many_seeds_resume_in_lockstep_from_their_common_checkpoint(two_seeds):
+    """A kill between two runs' saves leaves them one checkpoint apart: both resume from the
+    older one, and finish as if never interrupted."""
+    out, many, _ = two_seeds
+    shutil.rmtree(out / "many" / "seed_1" / "checkpoints" / "4")
+    fields = {**SMALL, "steps": 4, "sync_interval": 2, "checkpoint_every": 2}
+    again = train(config_lib.build("embedded", **fields, num_seeds=2, out_dir=str(out / "many")))
+    assert [m["step"] for m in again.run_metrics[0]] == [3, 4]
+    untimed = lambda ms: [
+        {k: v for k, v in m.items() if not k.startswith(("time", "through"))} for m in ms
+    ]  # noqa: E501
+    for i in range(2):
+        assert untimed(again.run_metrics[i]) == untimed(many.run_metrics[i][2:])
+
+
+def test_settings_modules_import_no_jax():
+    code = (
+        "import sys; import rl_jax.config, rl_jax.algorithms, rl_jax.sync, rl_jax.groups; "
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every `rl_jax` import in a file, at any depth (lazy imports count)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rl_jax"):
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.startswith("rl_jax")]
+    return out
+
+
+def test_no_import_cycles_and_no_private_cross_module_imports():
+    package = ROOT / "rl_jax"
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for module, names in _imports(path):
+            assert not [n for n in names if n.startswith("_")], (name, module, names)
+            for n in names:  # `from rl_jax import losses` imports the module rl_jax.losses
+                if f"{module}.{n}" in modules:
+                    deps.add(f"{module}.{n}")
+            if module in modules and not module.endswith("rl_jax"):
+                deps.add(module)
+        graph[name] = deps - {name}
+
+    def visit(node, stack):
+        assert node not in stack, "import cycle: " + " -> ".join([*stack, node])
+        for dep in graph.get(node, ()):
+            if not dep.startswith(node + "."):  # a package importing its own submodules
+                visit(dep, [*stack, node])
+
+    for name in graph:
+        visit(name, [])
