@@ -27,6 +27,7 @@ one failed write are held back (they are replayed when the save succeeds).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -115,27 +116,35 @@ def _save_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {_first_line(error)}"
 
 
+class _HeldStderr:
+    """What `_stderr_held_back` yields: set `drop` to discard the output of a successful block."""
+
+    drop = False
+
+
 @contextlib.contextmanager
 def _stderr_held_back():
     """Sends fd 2 (Python's and C++'s writes alike) to a temporary file for the block.
 
-    Replayed on stderr if the block succeeds; dropped if it raises, since orbax's threads then
-    print dozens of tracebacks of the one failure that the raised error already names (and absl
-    logging is silenced for the threads that keep failing after it).
+    Replayed on stderr when the block succeeds (unless `drop` was set); dropped if it raises,
+    since orbax's threads then print dozens of tracebacks of the one failure that the raised
+    error already names (and absl logging is silenced for the threads that keep failing).
     """
     sys.stderr.flush()
     original = os.dup(2)
+    control = _HeldStderr()
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            yield
+            yield control
         except BaseException:
             logging.getLogger("absl").setLevel(logging.CRITICAL)
             raise
         else:
             sys.stderr.flush()
-            held.seek(0)
-            os.write(original, held.read())
+            if not control.drop:
+                held.seek(0)
+                os.write(original, held.read())
         finally:
             sys.stderr.flush()
             os.dup2(original, 2)
@@ -323,15 +332,21 @@ class Checkpointer:
             (s for s in self.steps if max_step is None or s <= max_step), reverse=True
         )
         for step in candidates:
-            try:
-                restored = self._manager.restore(step, args=args)
-                meta = dict(restored[META_ITEM])
-                _verify_checksums(restored[STATE_ITEM], meta.pop(CHECKSUMS_KEY, None))
-            except Exception as error:  # orbax and tensorstore raise many types, even Exception
+            failure = None
+            with _stderr_held_back() as held:
+                try:
+                    restored = self._manager.restore(step, args=args)
+                    meta = dict(restored[META_ITEM])
+                    _verify_checksums(restored[STATE_ITEM], meta.pop(CHECKSUMS_KEY, None))
+                except Exception as error:  # orbax and tensorstore raise many types
+                    failure = f"{type(error).__name__}: {_first_line(error)}"
+                    del error
+                    gc.collect()  # orbax's abandoned reads finalize (and print) while held
+                    held.drop = True
+            if failure is not None:
                 self._unusable.add(step)
                 warnings.warn(
-                    f"skipping the checkpoint of step {step} in {self.directory}: "
-                    f"{type(error).__name__}: {_first_line(error)}",
+                    f"skipping the checkpoint of step {step} in {self.directory}: {failure}",
                     CheckpointWarning,
                     stacklevel=2,
                 )

@@ -140,7 +140,10 @@ def test_damaged_latest_checkpoint_is_reported_and_skipped(finished, tmp_path, c
     damaged = tmp_path / "damaged"
     shutil.copytree(finished, damaged)
     _overwrite_largest_data_file(damaged / "checkpoints" / "2")
-    with pytest.warns(CheckpointWarning, match="step 2 .*ChecksumError: .* differ from the check"):
+    # Where the bytes land varies with the file layout: in a raw (incompressible) chunk they
+    # decode, and only the checksums see them (pinned in test_checkpoint.py); in a compressed one
+    # the read fails. Either way the checkpoint is reported and skipped, never loaded.
+    with pytest.warns(CheckpointWarning, match="step 2 .*(ChecksumError|error while reading)"):
         assert cli(capsys, damaged, "steps=2") == (0, [])
     assert untimed(damaged) == untimed(finished)  # step 2 was trained again, identically
     with warnings.catch_warnings():
@@ -185,7 +188,10 @@ def test_non_finite_update_stops_before_it_is_applied_or_saved(tmp_path, capsys)
             "unknown task_options key(s) ['foo'] for task 'arithmetic'; allowed",
         ),
         ("task_options.max_terms=x", "task_options.max_terms must be of type int, got 'x'"),
-        ("seed=-1", "seed must be an integer in [0, 4294967293], got -1"),
+        (
+            "seed=-1",
+            "seed must be an integer in [0, 4294967295] (the last of num_seeds too), got -1",
+        ),
         (f"fsdp={jax.device_count() + 2}", "fsdp must be a divisor of the device count"),
         ("temperature=NaN", "temperature must be a finite number, got nan"),
         ("algorithm=nonsense", "algorithm must be one of ['reinforce', 'grpo'"),
