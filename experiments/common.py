@@ -49,13 +49,54 @@ class RunSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """A finished run: its config, every metrics.jsonl record (step 0 holds the first eval) and
-    the seconds this process spent on it (near 0 when it was already complete)."""
+    """A finished run of `--seeds` seeds: its config, each seed's metrics.jsonl records (step 0
+    holds the first eval) and the seconds this process spent on it (near 0 when it was already
+    complete). `metrics` is the per-step mean over seeds (the records themselves for one seed)."""
 
     spec: RunSpec
     config: config_lib.TrainConfig
-    metrics: list[dict]
+    seed_metrics: list[list[dict]]
     wall_seconds: float
+
+    @property
+    def metrics(self) -> list[dict]:
+        return mean_over_seeds(self.seed_metrics)
+
+
+def mean_over_seeds(seed_metrics: Sequence[Sequence[Mapping]]) -> list[dict]:
+    """Records whose every value is the mean over seeds of that step's values."""
+    if len(seed_metrics) == 1:
+        return list(seed_metrics[0])
+    by_step: dict[int, list[Mapping]] = {}
+    for records in seed_metrics:
+        for record in records:
+            by_step.setdefault(record["step"], []).append(record)
+    out = []
+    for step, records in sorted(by_step.items()):
+        keys = set.intersection(*(set(r) for r in records)) - {"step"}
+        out.append({"step": step, **{k: float(np.mean([r[k] for r in records])) for k in keys}})
+    return out
+
+
+def band(outcome: Outcome, key: str, window: int = 1):
+    """(steps, mean, half-width of the 95% t-interval over seeds) of each seed's `window`-step
+    trailing moving average of `key`; a width of 0 for one seed."""
+    rows = [series(records, key) for records in outcome.seed_metrics]
+    steps = rows[0][0]
+    values = np.stack([moving_average(v, window) for _, v in rows if len(v) == len(steps)])
+    n = values.shape[0]
+    if n < 2:
+        return steps, values[0], np.zeros_like(values[0])
+    half = T_975[min(n - 1, len(T_975)) - 1] * values.std(axis=0, ddof=1) / np.sqrt(n)
+    return steps, values.mean(axis=0), half
+
+
+# Student t quantiles t_{0.975, df} for df = 1..30 (two-sided 95% intervals over seeds).
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
 def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
@@ -68,6 +109,9 @@ def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="TrainConfig key=value (JSON values)")
     parser.add_argument("--steps", type=int, default=steps, help="learner steps per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds per run, trained as one program (num_seeds)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(out))
     parser.add_argument(
         "--config", default="embedded", help=f"a preset {sorted(config_lib.PRESETS)} or JSON file"
@@ -111,16 +155,21 @@ def build_configs(
     """Every run's validated config. `varied`: fields the experiment sets per run; overriding
     them from the command line would silently change the experiment, so it is an error."""
     overrides = config_lib.parse_overrides(args.overrides)
-    clash = sorted({"steps", "seed", "out_dir", *varied} & set(overrides))
+    clash = sorted({"steps", "seed", "num_seeds", "out_dir", *varied} & set(overrides))
     if clash:
         raise ValueError(
-            f"override(s) {clash} are set by this experiment per run; use --steps/--seed/--out "
+            f"override(s) {clash} are set by this experiment per run; use --steps/--seed/--seeds/--out "
             f"or edit the experiment's runs"
         )
     configs = []
     for spec in specs:
         fields = merge(defaults, overrides, spec.fields)
-        fields.update(steps=args.steps, seed=args.seed, out_dir=str(args.out / spec.name))
+        fields.update(
+            steps=args.steps,
+            seed=args.seed,
+            num_seeds=args.seeds,
+            out_dir=str(args.out / spec.name),
+        )
         configs.append(config_lib.build(args.config, fields))
     return configs
 
@@ -140,7 +189,8 @@ def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig])
         start = time.perf_counter()
         train(config)
         wall = time.perf_counter() - start
-        outcomes.append(Outcome(spec, config, read_metrics(config.out_dir), wall))
+        seed_metrics = [read_metrics(single.out_dir) for single in config.runs()]
+        outcomes.append(Outcome(spec, config, seed_metrics, wall))
     return outcomes
 
 
@@ -255,7 +305,10 @@ def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -
         for ax, (key, ylabel) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
             steps, values = series(outcome.metrics, key)
             ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(steps, moving_average(values, window), color=color, label=outcome.spec.label)
+            steps, mean, half = band(outcome, key, window)
+            ax.plot(steps, mean, color=color, label=outcome.spec.label)
+            if half.any():  # 95% interval over seeds of the moving average
+                ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.15)
             ax.set_ylabel(ylabel)
             ax.set_xlabel("learner step")
             ax.grid(alpha=0.3)

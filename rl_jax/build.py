@@ -14,6 +14,7 @@ from flax import nnx
 
 from rl_jax import models
 from rl_jax.config import TrainConfig
+from rl_jax.models.hf import read_hf_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,31 +56,72 @@ def make_policy(config: TrainConfig, task) -> tuple[models.ModelConfig, Any, Any
             models.get_config(config.model), vocab_size=task.tokenizer.vocab_size
         )
         return model_config, models.init_model(model_config, config.seed), task.tokenizer
-    path = pathlib.Path(config.model)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"model must be 'warm-start', a preset {list(models.config_names())}, or a Hugging Face "
-            f"model directory with config.json; got {config.model!r}"
-        )
-    model_config, model = models.load_hf_checkpoint(path)
+    model_config, model = models.load_hf_checkpoint(config.model)
     return model_config, model, task.tokenizer
 
 
-def build_run(config: TrainConfig) -> Run:
-    task = make_task(config)
-    model_config, model, tokenizer = make_policy(config, task)
-    if tokenizer.vocab_size > model_config.vocab_size:
+def check_model_dir(model: str) -> None:
+    """The cheap checks of a `model` that names no preset: a directory holding config.json and a
+    safetensors checkpoint (`load_hf_checkpoint` reads and checks the rest)."""
+    allowed = (
+        f"'warm-start', a preset {list(models.config_names())}, or a Hugging Face model directory"
+    )
+    path = pathlib.Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model must be {allowed}; {model!r} is neither a preset nor a directory")
+    found = sorted(p.name for p in path.iterdir())
+    if "config.json" not in found:
+        raise ValueError(f"model directory {path} has no config.json (found {found})")
+    if not {"model.safetensors", "model.safetensors.index.json"} & set(found):
         raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model_config.vocab_size}"
+            f"model directory {path} has no model.safetensors or model.safetensors.index.json "
+            f"(found {found}); pickle checkpoints (pytorch_model.bin) are never loaded: convert "
+            "them with transformers' save_pretrained(..., safe_serialization=True)"
         )
+
+
+def check_vocab(tokenizer, vocab_size: int, model: str) -> None:
+    """Every token id must index the model's embedding: the tokenizer may not be larger."""
+    if tokenizer.vocab_size > vocab_size:
+        name = getattr(tokenizer, "path", type(tokenizer).__name__)
+        raise ValueError(
+            f"the tokenizer ({name}) has {tokenizer.vocab_size} tokens, more than the "
+            f"vocab_size {vocab_size} of model {model!r}: task_options.tokenizer must be the "
+            "model's own tokenizer"
+        )
+
+
+class InputError(ValueError):
+    """A bad field, file or directory found while building the run, before anything compiles.
+    The CLI prints it as one ``error:`` line and exits with code 2."""
+
+
+def build_run(config: TrainConfig) -> Run:
+    """The run's parts; `InputError` (a ValueError) names the field or file at fault."""
+    try:
+        return _build_run(config)
+    except ValueError as error:
+        raise InputError(*error.args) from error
+
+
+def _build_run(config: TrainConfig) -> Run:
+    hf_dir = config.model != "warm-start" and config.model not in models.config_names()
+    if hf_dir:  # fail on a bad model directory before the data is prepared
+        check_model_dir(config.model)
+    task = make_task(config)
+    if hf_dir:  # before the weights are read
+        check_vocab(task.tokenizer, read_hf_config(config.model).vocab_size, config.model)
+    model_config, model, tokenizer = make_policy(config, task)
+    check_vocab(tokenizer, model_config.vocab_size, config.model)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     max_response_len = config.max_response_len or task.max_response_len
     needed = task.max_prompt_len + max_response_len
     if max_positions is not None and needed > max_positions:
         raise ValueError(
             f"max_response_len={max_response_len} plus the task's prompt length "
-            f"{task.max_prompt_len} exceeds the model's context of {max_positions} tokens"
+            f"{task.max_prompt_len} (its longest prompt) exceeds the model's context of "
+            f"{max_positions} tokens (max_position_embeddings of {config.model!r}): lower "
+            "max_response_len, or use a model with a longer context"
         )
     graphdef, params = nnx.split(model)
     return Run(task, tokenizer, model_config, graphdef, params, max_response_len)

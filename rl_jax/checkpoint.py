@@ -70,6 +70,7 @@ def _leaf_checksum(leaf) -> str | None:
             return None
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
+        leaf = jax.device_get(leaf)  # explicit: the step runs under a transfer guard
     array = np.ascontiguousarray(np.asarray(leaf))
     crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode())
     return f"{zlib.crc32(array.view(np.uint8).reshape(-1), crc):08x}"

@@ -7,6 +7,8 @@ all-reduces, so sums over the batch are exact across devices. The same code runs
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -15,16 +17,50 @@ DATA, FSDP = "data", "fsdp"
 
 
 def initialize_distributed() -> None:
-    """Joins a multi-host job (TPU pods, multi-node GPU); a no-op for one process.
+    """Joins a multi-process job when the environment describes one; a no-op otherwise.
 
-    `jax.distributed.initialize()` reads the coordinator address, process count and id from the
-    environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID). After it, `jax.devices()` lists the devices of all hosts.
+    Call it before anything touches a device. On any machine, JAX_COORDINATOR_ADDRESS
+    (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 .. n - 1) describe the
+    job; JAX reads only the address itself, so the other two are passed explicitly. Without
+    them, a SLURM job of several tasks or a multi-host TPU slice is detected by JAX's own cluster
+    detection (`jax.distributed.initialize()` without arguments). After it, `jax.devices()` lists
+    the devices of every process.
     """
-    import os
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS"):
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        counts = {}
+        for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+            try:
+                counts[name] = int(env[name])
+            except (KeyError, ValueError):
+                raise ValueError(
+                    f"{name} must be set to an integer when JAX_COORDINATOR_ADDRESS is set, "
+                    f"got {env.get(name)!r}"
+                ) from None
+        num, index = counts["JAX_NUM_PROCESSES"], counts["JAX_PROCESS_ID"]
+        if num < 1 or not 0 <= index < num:
+            raise ValueError(f"JAX_PROCESS_ID must be in [0, JAX_NUM_PROCESSES={num}), got {index}")
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=num,
+            process_id=index,
+        )  # fmt: skip
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
+
+
+def to_host(tree):
+    """numpy copies of (possibly globally sharded) arrays, whole on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def from_host(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds whole (one or many processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:

@@ -140,9 +140,23 @@ class HFTokenizer(_BatchMixin):
         if path.is_dir():
             path = path / "tokenizer.json"
         self.path = path
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {path} does not exist")
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for any bad file
+            raise ValueError(f"{path} is not a valid tokenizer.json: {error}") from None
         config_path = path.with_name("tokenizer_config.json")
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        template_path = path.with_name("chat_template.jinja")
+        self.chat_template = (
+            template_path.read_text(encoding="utf-8")
+            if template_path.is_file()
+            else config.get("chat_template")
+        )
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default")
         eos_token = eos_token or _special_token_from_config(config, "eos_token")
         if eos_token is None:
             raise ValueError(f"no eos_token given and none in {config_path}")
@@ -155,6 +169,36 @@ class HFTokenizer(_BatchMixin):
         self._special = frozenset(
             i for i, tok in self._tokenizer.get_added_tokens_decoder().items() if tok.special
         ) | {self.pad_id, self.eos_id}
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text of `messages` in the model's own Jinja chat template, ending in the
+        assistant's turn (``add_generation_prompt``), rendered as transformers does (sandboxed,
+        ``trim_blocks``, ``lstrip_blocks``). ``bos_token`` renders empty: `encode(add_bos=True)`
+        adds the BOS id, so a template that writes it would double it.
+
+        Raises:
+          ValueError: the tokenizer directory has no chat template.
+        """
+        if not self.chat_template:
+            raise ValueError(
+                f"{self.path.parent} has no chat template (chat_template.jinja, or chat_template "
+                "in tokenizer_config.json)"
+            )
+        import jinja2.ext
+        import jinja2.sandbox
+
+        def raise_exception(message):
+            raise ValueError(f"chat template of {self.path.parent}: {message}")
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = lambda value, **kw: json.dumps(value, ensure_ascii=False, **kw)
+        env.globals["raise_exception"] = raise_exception
+        eos = self._tokenizer.id_to_token(self.eos_id)
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=True, bos_token="", eos_token=eos
+        )
 
     def _token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

@@ -75,15 +75,23 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
 
 def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) the config's runs; returns their final state and metrics."""
-    mesh = parallel.make_mesh(config.fsdp)
     runs = config.runs()
+    rows, devices = config.prompts_per_step * config.group_size, jax.device_count()
+    if rows % devices:
+        raise build.InputError(
+            f"prompts_per_step * group_size = {rows} rows must divide over the {devices} devices "
+            f"of {jax.process_count()} process(es)"
+        )
+    primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
+    mesh = parallel.make_mesh(config.fsdp)
     for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
         run_dir.check_resume(single)
-    for single in runs:  # the first write: an unwritable out_dir fails here
+    for single in runs if primary else ():  # the first write: an unwritable out_dir fails here
         _out(single).mkdir(parents=True, exist_ok=True)
     run = build.build_run(config)
     step_fn = make_step(config, run, mesh)
-    params = jax.device_put(run.params, parallel.param_shardings(run.params, mesh))
+    shardings = parallel.param_shardings(run.params, mesh)
+    params = jax.tree.map(parallel.from_host, run.params, shardings)
     state = step_fn.init(params, [single.seed for single in runs])
     checkpointers = [
         Checkpointer(
@@ -100,10 +108,12 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         writers = [
             stack.enter_context(
                 MetricsWriter(_out(single), config.steps, resume_step=start, **_console(i, config))
+                if primary
+                else contextlib.nullcontext(_NoWriter())
             )
             for i, single in enumerate(runs)
         ]  # each refuses a gap in its metrics.jsonl before the restored step
-        for single in runs:
+        for single in runs if primary else ():
             run_dir.write_config(single)
         if start:
             print(f"resuming {config.out_dir} from step {start}", flush=True)
@@ -125,6 +135,13 @@ def train(config: config_lib.TrainConfig) -> RunResult:
     for ckpt in checkpointers:
         ckpt.close()
     return RunResult(config, state, run_metrics)
+
+
+class _NoWriter:
+    """What processes other than the first write: nothing."""
+
+    def write(self, step, metrics) -> None:
+        pass
 
 
 def _out(single: config_lib.TrainConfig) -> pathlib.Path:
@@ -178,11 +195,12 @@ class HostSide:
         ]
         tokens, mask = self._encode(examples)
         rollout, state = self.step_fn.sample(state, tokens, mask, step)
-        rewards = self._rewards(np.asarray(rollout.response_tokens), examples, config.group_size)
-        rewards = jax.device_put(rewards, parallel.run_batch_sharding(self.mesh))
+        tokens = parallel.to_host(rollout.response_tokens)
+        rewards = self._rewards(tokens, examples, config.group_size)
+        rewards = parallel.from_host(rewards, parallel.run_batch_sharding(self.mesh))
         t1 = time.perf_counter()
         state, metrics = self.step_fn.learn(state, rollout, rewards, step)
-        metrics = jax.device_get(metrics)
+        metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
         rows = config.prompts_per_step * config.group_size
         out = []
@@ -206,9 +224,12 @@ class HostSide:
         tokens, mask = self.run.tokenizer.encode_batch(
             [ex.prompt for ex in examples], length=self.run.task.max_prompt_len, add_bos=True
         )
-        rollout = self.step_fn.evaluate(state, *jax.device_put((tokens, mask)))
+        replicated = parallel.replicated(self.mesh)
+        rollout = self.step_fn.evaluate(
+            state, parallel.from_host(tokens, replicated), parallel.from_host(mask, replicated)
+        )
         runs = [examples] * self.config.num_seeds
-        rewards = self._rewards(np.asarray(rollout.response_tokens), runs, 1)
+        rewards = self._rewards(parallel.to_host(rollout.response_tokens), runs, 1)
         return [float(r.mean()) for r in rewards]
 
     def _encode(self, examples: list[list]):
@@ -220,8 +241,9 @@ class HostSide:
             )  # fmt: skip
             for run_examples in examples
         ]
-        return jax.device_put(
-            (np.stack([t for t, _ in encoded]), np.stack([m for _, m in encoded]))
+        replicated = parallel.replicated(self.mesh)
+        return tuple(
+            parallel.from_host(np.stack([pair[i] for pair in encoded]), replicated) for i in (0, 1)
         )
 
     def _rewards(self, tokens: np.ndarray, examples: list[list], group_size: int) -> np.ndarray:
@@ -254,6 +276,7 @@ def main(argv=None) -> int:
         args.overrides.insert(0, args.config)
         args.config = "embedded"
     try:
+        parallel.initialize_distributed()
         overrides = config_lib.parse_overrides(args.overrides)
         if args.out:
             overrides["out_dir"] = args.out

@@ -68,6 +68,20 @@ def test_rerun_resumes_finished_runs_and_refuses_other_settings(seed_run):
         seed_figure.main([*argv, "learning_rate=0.001"])
 
 
+def test_seeds_run_as_one_program_and_figures_show_their_mean(tmp_path):
+    argv = ["--steps", "2", "--seeds", "2", "--out", str(tmp_path), *TINY]
+    outcomes = sync_study.main([*argv, "--algorithms", "grpo", "--syncs", "sync1"])
+    (outcome,) = outcomes
+    per_seed = [read_metrics(tmp_path / outcome.spec.name / f"seed_{s}") for s in (0, 1)]
+    assert outcome.seed_metrics == per_seed and per_seed[0] != per_seed[1]
+    mean = [np.mean([m[1]["reward/mean"] for m in per_seed])]
+    assert [m["reward/mean"] for m in outcome.metrics if m["step"] == 1] == pytest.approx(mean)
+    steps, centre, half = common.band(outcome, "reward/mean")
+    values = np.array([[m["reward/mean"] for m in ms[1:]] for ms in per_seed])
+    np.testing.assert_allclose(centre, values.mean(0))
+    np.testing.assert_allclose(half, 12.706 * values.std(0, ddof=1) / np.sqrt(2))
+
+
 def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"\['algorithm'\]"):
         seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])

@@ -1,4 +1,4 @@
-"""GSM8K: the TFDS builder over JSONL (no TensorFlow), the paper's prompt and reward, the task."""
+"""GSM8K: the TFDS builder over JSONL (no TensorFlow), the prompt, the task (reward: test_gsm8k_reward)."""
 
 import decimal
 import json
@@ -9,8 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from rl_jax.tasks import gsm8k
 
@@ -123,137 +121,6 @@ def test_changed_source_is_prepared_again(builder_module, tmp_path):
     assert second[:2] == first and (second[2].index, second[2].question) == (2, extra["question"])
 
 
-# --- reward --------------------------------------------------------------------------------
-
-
-def _formatted(reasoning: str, final: str) -> str:
-    return f"<think>{reasoning}</think> <answer>{final}</answer>"
-
-
-@needs_gsm8k
-def test_gold_solution_of_every_test_problem_gets_full_accuracy():
-    rows = _rows(GSM8K_DIR / "test.jsonl")
-    assert len(rows) == 1319
-    for row in rows:
-        reasoning, final = row["answer"].rsplit("####", 1)
-        gold = row["answer"]
-        completion = _formatted(reasoning.strip(), final.strip())
-        assert gsm8k.accuracy(completion, gold) == 1.0, row
-        assert gsm8k.reward(completion, gold) == pytest.approx(1.1)
-        wrong = str(gsm8k.gold_number(gold) + 1)
-        assert gsm8k.accuracy(_formatted(reasoning, wrong), gold) == 0.0, row
-        assert gsm8k.reward(_formatted(reasoning, wrong), gold) == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize(
-    "answer_text, gold",
-    [
-        ("18", "#### 18"),
-        ("$18", "#### 18"),
-        ("$18.", "#### 18"),
-        ("18 dollars", "#### 18"),
-        ("She makes $18 every day.", "#### 18"),
-        ("16 - 3 - 4 = 9, so 9 * 2 = 18", "#### 18"),
-        ("\nThe answer is:\n$70,000\n", "#### 70000"),
-        ("70000", "#### 70,000"),
-        ("1,575,000 km", "#### 1,575,000"),
-        ("18.00", "#### 18"),
-        ("-5", "#### -5"),
-        ("-$5", "#### -5"),
-        ("$-5", "#### -5"),
-        ("\u22125 degrees", "#### -5"),
-        ("4.5 cookies", "#### 4.5"),
-        ("150%", "#### 150"),
-        ("\\boxed{18}", "#### 18"),
-    ],
-)
-def test_accuracy_accepts_answer_variants(answer_text, gold):
-    assert gsm8k.accuracy(_formatted("...", answer_text), "steps\n" + gold) == 1.0
-
-
-@pytest.mark.parametrize(
-    "completion",
-    [
-        "<think>...</think> <answer>17</answer>",  # wrong number
-        "<think>...</think> <answer>-18</answer>",  # wrong sign
-        "<think>...</think> <answer>18.5</answer>",  # wrong decimal
-        "<think>...</think> <answer>180</answer>",
-        "<think>...</think> <answer>1,8</answer>",  # "1" and "8", last is 8
-        "<think>...</think> <answer></answer>",
-        "<think>...</think> <answer>eighteen</answer>",
-        "<think>18</think> the answer is 18",  # no answer block: no fallback
-        "<think>...</think> <answer>18",  # truncated block
-        "<think>...</think> <answer>17</answer> <answer>18</answer>",  # first block counts
-        "<answer>5</answer>",
-        "",
-    ],
-)
-def test_accuracy_rejects_wrong_or_missing_answers(completion):
-    assert gsm8k.accuracy(completion, "#### 18") == 0.0
-
-
-@pytest.mark.parametrize(
-    "completion, well_formed",
-    [
-        ("<think>a</think> <answer>1</answer>", True),
-        ("<think>a</think><answer>1</answer>", True),
-        ("<think>\na\n</think>\n<answer>\n1\n</answer>\n\n", True),
-        ("Let me think. <think>a</think> <answer>1</answer>", True),
-        ("<think>a</think> <answer>1</answer> done", False),
-        ("<think>a</think> <answer>1</answer>\nmore text", False),  # the authors' MULTILINE $
-        ("<think>a</think> x <answer>1</answer>", False),
-        ("<answer>1</answer>", False),
-        ("a</think> <answer>1</answer>", False),
-        ("<think>a</think> <answer>1</answer></answer>", False),
-        ("<think>a</think> <answer>1", False),
-        ("", False),
-    ],
-)
-def test_format_requires_think_then_answer_at_the_end(completion, well_formed):
-    assert gsm8k.is_well_formed(completion) is well_formed
-
-
-def test_reward_combines_both_parts_with_configurable_weights():
-    gold = "#### 3"
-    cases = {
-        "<think>a</think> <answer>3</answer>": 1.1,
-        "<think>a</think> <answer>4</answer>": 0.1,
-        "<answer>3</answer> trailing": 0.9,
-        "garbage": -0.1,
-    }
-    for completion, expected in cases.items():
-        assert gsm8k.reward(completion, gold) == pytest.approx(expected)
-    accuracy_only = gsm8k.RewardConfig(format_weight=0.0)
-    assert gsm8k.reward("<answer>3</answer> x", gold, accuracy_only) == 1.0
-    assert gsm8k.reward("garbage", gold, accuracy_only) == 0.0
-    weighted = gsm8k.RewardConfig(accuracy_weight=2.0, format_weight=0.5)
-    assert gsm8k.reward("<think>a</think><answer>3</answer>", gold, weighted) == 2.5
-    with pytest.raises(ValueError, match="format_weight"):
-        gsm8k.RewardConfig(format_weight=-0.1)
-    with pytest.raises(ValueError, match="accuracy_weight"):
-        gsm8k.RewardConfig(accuracy_weight=float("nan"))
-    with pytest.raises(ValueError, match="gold answer"):
-        gsm8k.accuracy("<answer>3</answer>", "no final number")
-
-
-_FRAGMENTS = st.sampled_from(
-    ["<think>", "</think>", "<answer>", "</answer>", "####", "$", ",", ".", "-", "\u2212", " ",
-     "\n", "1,000", "-3.5", "9" * 60, "\u0663", "\uff15", "<", ">", "/"]
-)  # fmt: skip
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.one_of(st.text(), st.lists(st.one_of(_FRAGMENTS, st.text(max_size=5))).map("".join)),
-    st.integers(-(10**6), 10**6),
-)
-def test_garbage_never_raises(completion, gold):
-    assert gsm8k.accuracy(completion, f"#### {gold}") in (0.0, 1.0)
-    value = gsm8k.reward(completion, f"#### {gold}")
-    assert any(value == pytest.approx(r) for r in (1.1, 0.9, 0.1, -0.1))
-    gsm8k.extract_answer(completion)
-
-
 # --- prompt and task -----------------------------------------------------------------------
 
 
@@ -279,6 +146,23 @@ def tokenizer():
     from rl_jax.tokenizer import HFTokenizer
 
     return HFTokenizer(TOKENIZER_DIR)
+
+
+def test_model_chat_template_renders_as_transformers_does(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    messages = gsm8k.chat_messages("Natalia sold 48 clips. How many?")
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(messages) == expected
+    assert gsm8k.format_prompt("Q?", "model", tokenizer=tokenizer) == gsm8k.format_prompt("Q?")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", bare)
+    shutil.copy(TOKENIZER_DIR / "tokenizer_config.json", bare)
+    from rl_jax.tokenizer import HFTokenizer
+
+    with pytest.raises(ValueError, match=f"{re.escape(str(bare))} has no chat template"):
+        HFTokenizer(bare).apply_chat_template(messages)
 
 
 def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tokenizer, tmp_path):
@@ -315,3 +199,31 @@ def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tok
         gsm8k.GSM8KConfig(template="alpaca")
     with pytest.raises(ValueError, match="tokenizer must be given"):
         gsm8k.GSM8KTask(**options)
+
+
+# --- bad input: a ValueError naming the field or the file ----------------------------------
+
+
+def test_missing_data_dir_or_split_file_names_the_field(builder_module, tokenizer, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=r"task_options.data_dir=.*nowhere' is not a directory"):
+        gsm8k.GSM8KTask(tokenizer=tokenizer, data_dir=str(missing), tfds_data_dir=str(tmp_path))
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(TINY_DIR / "train.jsonl", half)
+    with pytest.raises(ValueError, match=r"has no test.jsonl \(found \['train.jsonl'\]\)"):
+        builder_module.load_split(half, "train", tmp_path / "tfds")
+
+
+def test_non_utf8_or_empty_file_is_named(builder_module, tmp_path):
+    source = tmp_path / "jsonl"
+    shutil.copytree(TINY_DIR, source)
+    test_file = source / "test.jsonl"
+    lines = test_file.read_bytes().splitlines()
+    test_file.write_bytes(lines[0] + b"\n" + lines[1].replace(b"4.5", b"4\xff5") + b"\n")
+    message = rf"^{re.escape(str(test_file))}:2: not UTF-8 \(byte 0xff at column \d+\)"
+    with pytest.raises(ValueError, match=message):
+        builder_module.load_split(source, "test", tmp_path / "tfds")
+    test_file.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(test_file))} holds no GSM8K problems"):
+        builder_module.load_split(source, "test", tmp_path / "tfds")

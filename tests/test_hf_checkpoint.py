@@ -4,8 +4,10 @@ Tiny random HF models are built here, saved as safetensors (the Llama one sharde
 through `load_hf_checkpoint`; logits must match the PyTorch reference to < 1e-4 in float32.
 """
 
+import dataclasses
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -19,7 +21,9 @@ from rl_jax.models import (
     decode,
     default_positions,
     forward,
+    get_config,
     init_cache,
+    init_model,
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
@@ -227,7 +231,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
         "intermediate_size": 8}))  # fmt: skip
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match="only safetensors"):
+    with pytest.raises(ValueError, match="only safetensors checkpoints are read, never pickle"):
         load_hf_checkpoint(tmp_path)
 
 
@@ -244,3 +248,60 @@ def test_shared_tiny_qwen2_matches_transformers():
         TINY_QWEN2, attn_implementation="eager"
     ).eval()
     np.testing.assert_allclose(logits, _hf_logits(hf_model, tokens), atol=ATOL, rtol=0)
+
+
+# --- bad checkpoints: a ValueError naming the file or tensor, never a bare library error -----
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A 2-layer Qwen2-layout checkpoint written by `save_hf_checkpoint` (no transformers)."""
+    config = dataclasses.replace(get_config("tiny"), vocab_size=64, tie_embeddings=False)
+    save_hf_checkpoint(tmp_path / "ckpt", config, init_model(config, 0))
+    return tmp_path / "ckpt"
+
+
+def _rewrite_tensor(path, name, value):
+    tensors = load_file(path / "model.safetensors")
+    tensors[name] = value(tensors[name])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_or_broken_config_json_names_the_file(small_checkpoint):
+    config_file = small_checkpoint / "config.json"
+    config_file.write_text('{"architectures": ["Qwen2ForCausalLM"],')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config_file))} is not valid JSON"):
+        load_hf_checkpoint(small_checkpoint)
+    config_file.unlink()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config_file))} does not exist"):
+        load_hf_checkpoint(small_checkpoint)
+
+
+def test_truncated_safetensors_names_the_file(small_checkpoint):
+    weights = small_checkpoint / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(weights))} is not a readable safetensors"
+    ):
+        load_hf_checkpoint(small_checkpoint)
+
+
+def test_wrong_shaped_layer_tensor_is_named_with_both_shapes(small_checkpoint):
+    name = "model.layers.1.mlp.up_proj.weight"  # HF layout [out, in] = [384, 128]
+    _rewrite_tensor(small_checkpoint, name, lambda w: w[:-1])
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"tensor {name} has shape (383, 128), config.json implies (384, 128)"),
+    ):
+        load_hf_checkpoint(small_checkpoint)
+
+
+def test_integer_tensor_is_refused_not_cast(small_checkpoint):
+    name = "model.layers.0.input_layernorm.weight"
+    _rewrite_tensor(small_checkpoint, name, lambda w: w.astype(np.int64))
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name} has dtype int64")):
+        load_hf_checkpoint(small_checkpoint)
+    _rewrite_tensor(small_checkpoint, name, lambda w: w.astype(np.float16))  # floats are cast
+    config, _ = load_hf_checkpoint(small_checkpoint)
+    assert config.num_layers == 2

@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rl_jax.models.config import ModelConfig
@@ -125,30 +125,77 @@ def config_to_hf(config: ModelConfig, torch_dtype: str = "float32") -> dict[str,
     return hf
 
 
+def _read_json(path: pathlib.Path) -> dict:
+    """A JSON object from `path`; ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _open_safetensors(file: pathlib.Path):
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{file} is not a readable safetensors file (truncated?): {error}"
+        ) from None
+
+
 class _SafetensorsReader:
     """Lazy tensor access over `model.safetensors` or the shards of its index."""
 
     def __init__(self, path: pathlib.Path):
         single, index = path / "model.safetensors", path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map' object")
             self.files = {name: path / shard for name, shard in weight_map.items()}
         elif single.exists():
-            with safe_open(single, framework="numpy") as f:
+            with _open_safetensors(single) as f:
                 self.files = dict.fromkeys(f.keys(), single)
         else:
             found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-            raise FileNotFoundError(
+            raise ValueError(
                 f"{path} has neither model.safetensors nor model.safetensors.index.json "
-                f"(found {found}); only safetensors checkpoints are read, never pickle files"
+                f"(found {found}); only safetensors checkpoints are read, never pickle files "
+                "(convert a pytorch_model.bin with transformers' save_pretrained)"
             )
         self._handles: dict[pathlib.Path, Any] = {}
 
     def get(self, name: str) -> np.ndarray:
         file = self.files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
-        return self._handles[file].get_tensor(name)
+            if not file.is_file():
+                raise ValueError(f"{file}, the shard of tensor {name}, does not exist")
+            self._handles[file] = _open_safetensors(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except SafetensorError as error:
+            raise ValueError(f"{file}: tensor {name} cannot be read: {error}") from None
+
+
+# Weights are converted to `param_dtype`; an integer or boolean tensor would be a quantised or
+# corrupt checkpoint, and casting it to float would load garbage silently.
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _checked(array: np.ndarray, name: str, hf_shape: tuple[int, ...], path) -> np.ndarray:
+    """`array` if it has a floating dtype and the shape config.json implies (HF layout)."""
+    if array.dtype.name not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{path}: tensor {name} has dtype {array.dtype.name}; weights must be one of "
+            f"{_FLOAT_DTYPES} (integer tensors are not cast)"
+        )
+    if array.shape != hf_shape:
+        raise ValueError(
+            f"{path}: tensor {name} has shape {array.shape}, config.json implies {hf_shape}"
+        )
+    return array
 
 
 def _expected_names(config: ModelConfig) -> list[tuple[tuple[str, ...], str, bool, bool]]:
@@ -175,18 +222,25 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def read_hf_config(path, **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of the HF directory `path` (its config.json), without the weights."""
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file} does not exist: not a Hugging Face model directory")
+    return config_from_hf(_read_json(config_file), **overrides)
+
+
 def load_hf_checkpoint(path, **overrides: Any) -> tuple[ModelConfig, Decoder]:
     """Read a local HF Qwen2/Llama directory into `(config, model)`.
 
     `overrides` replace config fields (e.g. `dtype="bfloat16"` for bfloat16 compute); the
-    parameters are converted to `param_dtype` (float32). Raises ValueError naming an
-    unsupported architecture, missing tensors, unexpected tensors or a shape mismatch.
+    parameters are converted to `param_dtype` (float32). Raises ValueError naming the file or
+    tensor at fault: no or broken config.json, an unsupported architecture, no safetensors file
+    (pickle checkpoints are refused), a truncated file, missing or unexpected tensors, a tensor
+    whose shape differs from what config.json implies, a non-float tensor.
     """
     path = pathlib.Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist")
-    config = config_from_hf(json.loads(config_file.read_text()), **overrides)
+    config = read_hf_config(path, **overrides)
     reader = _SafetensorsReader(path)
     entries = _expected_names(config)
     layer_names = [f"model.layers.{i}.{n}" for _, n, _, per in entries if per for i in
@@ -208,14 +262,12 @@ def load_hf_checkpoint(path, **overrides: Any) -> tuple[ModelConfig, Decoder]:
     param_dtype = np.dtype(config.param_dtype)
     for ours, name, transposed, per_layer in entries:
         names = [f"model.layers.{i}.{name}" for i in range(config.num_layers)]
-        arrays = [reader.get(n) for n in names] if per_layer else [reader.get(name)]
+        shape = _get_path(values, ours).shape[1 if per_layer else 0 :]  # ours: [in, out]
+        hf_shape = shape[::-1] if transposed else shape
+        tensor_names = names if per_layer else [name]
+        arrays = [_checked(reader.get(n), n, hf_shape, path) for n in tensor_names]
         arrays = [a.T if transposed else a for a in arrays]
         value = np.stack(arrays) if per_layer else arrays[0]
-        expected = _get_path(values, ours).shape
-        if value.shape != expected:
-            hf_shape = arrays[0].T.shape if transposed else arrays[0].shape
-            raise ValueError(f"{path}: tensor {name} has shape {hf_shape}, config implies "
-                             f"{expected[1:] if per_layer else expected} (ours, [in, out])")  # fmt: skip
         _set_path(values, ours, jnp.asarray(value.astype(param_dtype)))
     nnx.replace_by_pure_dict(state, values)
     return config, nnx.merge(graphdef, state)

@@ -20,6 +20,7 @@ TFDS's write-time order, which is deterministic but not the file order.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import importlib.util
 import json
@@ -30,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from rl_jax.tasks.gsm8k import GSM8KExample, gold_number
+from rl_jax.tasks.gsm8k_reward import gold_number
 
 SPLITS = ("train", "test")
 
@@ -42,6 +43,19 @@ _CITATION = """@article{cobbe2021gsm8k,
   journal={arXiv preprint arXiv:2110.14168},
   year={2021}
 }"""
+
+
+@dataclasses.dataclass(frozen=True)
+class GSM8KExample:
+    """One GSM8K problem: `index` is its row in the source file, `answer` the full answer field."""
+
+    index: int
+    question: str
+    answer: str
+
+    @property
+    def gold(self) -> decimal.Decimal:
+        return gold_number(self.answer)
 
 
 def _parse_row(line: str) -> dict[str, str]:
@@ -60,34 +74,52 @@ def _parse_row(line: str) -> dict[str, str]:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[GSM8KExample]:
-    """Reads and validates a GSM8K JSONL file; blank lines are skipped.
+    """Reads and validates a GSM8K JSONL file (UTF-8); blank lines are skipped.
 
     `index` counts the non-blank rows from 0.
 
     Raises:
-      ValueError: naming the file and 1-based line number of the first malformed line (invalid
-        JSON, not an object, a missing or non-string field, no ``#### <number>`` final answer).
+      ValueError: naming the file and 1-based line number of the first malformed line (not
+        UTF-8, invalid JSON, not an object, a missing or non-string field, no ``#### <number>``
+        final answer), or naming a file with no rows at all.
     """
     path = pathlib.Path(path)
     examples = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = _parse_row(line)
-            except ValueError as error:
-                raise ValueError(f"{path}:{line_number}: malformed GSM8K line: {error}") from None
-            examples.append(GSM8KExample(index=len(examples), **row))
+    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                f"{error.start + 1}); GSM8K files are UTF-8 JSON lines"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            row = _parse_row(line)
+        except ValueError as error:
+            raise ValueError(f"{path}:{line_number}: malformed GSM8K line: {error}") from None
+        examples.append(GSM8KExample(index=len(examples), **row))
+    if not examples:
+        raise ValueError(f"{path} holds no GSM8K problems (it is empty or blank)")
     return examples
 
 
 def _source_path(jsonl_dir: str | pathlib.Path, split: str) -> pathlib.Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = pathlib.Path(jsonl_dir).expanduser() / f"{split}.jsonl"
+    directory = pathlib.Path(jsonl_dir).expanduser()
+    if not directory.is_dir():
+        raise ValueError(
+            f"task_options.data_dir={str(directory)!r} is not a directory; it must hold "
+            f"{' and '.join(s + '.jsonl' for s in SPLITS)}"
+        )
+    path = directory / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"GSM8K source file {path} does not exist")
+        found = sorted(p.name for p in directory.iterdir())
+        raise ValueError(
+            f"task_options.data_dir={str(directory)!r} has no {path.name} (found {found})"
+        )
     return path
 
 

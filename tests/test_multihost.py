@@ -1,0 +1,128 @@
+"""Two processes with two CPU devices each (jax.distributed on 127.0.0.1, gloo collectives) run
+the embedded default as one job: the same metrics and parameters as one process with four
+devices, and a SIGKILL of one process followed by a restart of both resumes."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rl_jax.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIELDS = {
+    "prompts_per_step": 2,
+    "group_size": 4,
+    "steps": 4,
+    "sync_interval": 2,
+    "checkpoint_every": 2,
+    "eval_every": 2,
+    "eval_prompts": 8,
+    "learning_rate": 3e-4,
+}
+UNTIMED = lambda ms: [
+    {k: v for k, v in m.items() if not k.startswith(("time/", "thro"))} for m in ms
+]  # noqa: E501
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+    return env
+
+
+def _command(out: pathlib.Path) -> list[str]:
+    overrides = [f"{k}={json.dumps(v)}" for k, v in FIELDS.items()]
+    return [sys.executable, "-m", "rl_jax.train", "embedded", *overrides, "--out", str(out)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_job(out: pathlib.Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            _command(out),
+            env=_env(
+                2,
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finish(procs, timeout=900) -> list[str]:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, text in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, text[-3000:]
+    return outputs
+
+
+def _final_params(out: pathlib.Path) -> list[np.ndarray]:
+    state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / str(FIELDS["steps"]) / "state")
+    return [np.asarray(x) for x in __import__("jax").tree.leaves(state["learner"]["params"])]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost") / "one-process"
+    subprocess.run(_command(out), env=_env(4), check=True, capture_output=True, timeout=900)
+    return out
+
+
+def test_two_processes_equal_one_process_with_the_same_devices(reference, tmp_path):
+    out = tmp_path / "two-processes"
+    outputs = _finish(_start_job(out))
+    assert "step 4/4" in outputs[0]
+    assert not (out / "metrics.jsonl").read_text().count('"step": 5')
+    got, want = UNTIMED(read_metrics(out)), UNTIMED(read_metrics(reference))
+    assert [m["step"] for m in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(_final_params(out), _final_params(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_of_one_process_then_a_restart_of_both_resumes(reference, tmp_path):
+    out = tmp_path / "killed"
+    procs = _start_job(out)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        steps = [m["step"] for m in read_metrics(out)] if (out / "metrics.jsonl").exists() else []
+        if (out / "checkpoints" / "2").is_dir() and steps and steps[-1] >= 2:
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # one host dies; its partner is stopped by the launcher
+    procs[1].wait()
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    assert not (out / "checkpoints" / "4").is_dir(), "the job finished before the kill"
+
+    outputs = _finish(_start_job(out))
+    assert "resuming" in outputs[0]
+    got, want = UNTIMED(read_metrics(out)), UNTIMED(read_metrics(reference))
+    assert [m["step"] for m in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(got, want, strict=True):
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
