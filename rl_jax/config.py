@@ -75,7 +75,9 @@ class TrainConfig:
     checkpoint_every, keep_checkpoints: orbax checkpoints (resumed automatically).
     ref_metrics: log KL to the initial policy (one extra forward pass per step).
     fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
-    out_dir: where metrics, TensorBoard events, checkpoints and config.json go.
+    out_dir: where metrics, TensorBoard events, checkpoints and config.json go; rerunning into
+      it resumes the run there, with the same fields but steps (which may grow) and the
+      eval/checkpoint cadence (`rl_jax.run_dir`).
     """
 
     task: str = "arithmetic"
