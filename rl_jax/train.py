@@ -253,7 +253,9 @@ class HostSide:
             texts = self.run.tokenizer.decode_batch(run_tokens)
             rows = groups.examples_for_rows(run_examples, group_size)
             run_rewards = [self.run.task.reward(t, ex) for t, ex in zip(texts, rows, strict=True)]
-            guards.check_rewards(np.asarray(run_rewards), texts, [ex.prompt for ex in rows])
+            guards.check_rewards(
+                np.asarray(run_rewards, np.float32), texts, [ex.prompt for ex in rows]
+            )
             out.append(run_rewards)
         return np.asarray(out, np.float32)
 
