@@ -75,6 +75,8 @@ class TrainConfig:
     checkpoint_every, keep_checkpoints: orbax checkpoints (resumed automatically).
     ref_metrics: log KL to the initial policy (one extra forward pass per step).
     fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
+    window_cap_gib: KV-cache GiB per device one generate call may use: the sampler generates
+      the batches of up to sync_interval steps (same policy version) in one call within it.
     out_dir: where metrics, TensorBoard events, checkpoints and config.json go; rerunning into
       it resumes the run there, with the same fields but steps (which may grow) and the
       eval/checkpoint cadence (`rl_jax.run_dir`).
@@ -108,6 +110,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     ref_metrics: bool = True
     fsdp: int = 1
+    window_cap_gib: float = 1.0
     out_dir: str = "runs/default"
 
     def __post_init__(self):
@@ -140,6 +143,8 @@ class TrainConfig:
                 f"seed must be an integer in [0, {MAX_SEED}] (the last of num_seeds too), "
                 f"got {self.seed}"
             )
+        if not self.window_cap_gib > 0:
+            raise ValueError(f"window_cap_gib must be > 0, got {self.window_cap_gib}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -76,9 +76,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
 
 
-def run_batch_sharding(mesh: Mesh) -> NamedSharding:
-    """`[runs, batch, ...]`: the run axis whole on every device, the batch split over all."""
-    return NamedSharding(mesh, PartitionSpec(None, (DATA, FSDP)))
+def rows_sharding(mesh: Mesh, axis: int) -> NamedSharding:
+    """Axis `axis` (the batch rows) split over every device; the axes before it whole."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), (DATA, FSDP)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -154,7 +154,7 @@ def _batch_constraint(mesh: Mesh | None):
 
 def _generate_program(
     graphdef, top_k_width, nucleus, width, mesh, params, policy_version, key, prompt_tokens,
-    prompt_mask, knobs,
+    prompt_mask, knobs, *, loop_axes=(),
 ):  # fmt: skip
     """The compiled program: prefill, then a while_loop of one-token decode steps.
 
@@ -210,7 +210,12 @@ def _generate_program(
         return emit({**carry, "cache": cache}, logits[:, 0])
 
     def more(carry):
-        return (carry["t"] < knobs.max_new_tokens) & ~jnp.all(carry["done"])
+        # Under vmap (named `loop_axes`) all batches share one loop: a per-batch condition
+        # would make vmap select between old and new carries, copying the KV cache every step.
+        live = jnp.any(~carry["done"]).astype(jnp.int32)
+        for axis in loop_axes:
+            live = jax.lax.psum(live, axis)
+        return (carry["t"] < knobs.max_new_tokens) & (live > 0)
 
     rows = lambda fill, dtype: constrain(jnp.full((batch, width), fill, dtype))
     carry = {
@@ -305,16 +310,25 @@ def _static_settings(config: SamplingConfig) -> tuple[int, bool, int]:
 
 
 def generate_rows(
-    graphdef, params, policy_version, key, row_tokens, row_mask, config: SamplingConfig, mesh=None
+    graphdef,
+    params,
+    policy_version,
+    key,
+    row_tokens,
+    row_mask,
+    config: SamplingConfig,
+    mesh=None,
+    loop_axes: tuple[str, ...] = (),
 ) -> Rollout:
     """The generation program for callers that trace it inside their own jit (`rl_jax.step`).
 
     row_tokens, row_mask: `[B, P]` prompts already expanded to rows (`rl_jax.groups`) and
     left-padded; the draws are those `generate` makes with `state.key = key`. The config's
-    knobs become constants of the caller's program.
+    knobs become constants of the caller's program. `loop_axes`: the names of the vmapped axes
+    the call is inside (they share one decode loop, which runs until every row is done).
     """
     rollout, _ = _generate_program(
         graphdef, *_static_settings(config), mesh, params, policy_version, key, row_tokens,
-        row_mask, _Knobs.of(config),
+        row_mask, _Knobs.of(config), loop_axes=loop_axes,
     )  # fmt: skip
     return rollout

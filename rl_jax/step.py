@@ -1,20 +1,25 @@
 """One RL step as pure functions of one state pytree (DESIGN.md §1, §4; arXiv 2509.24203 §4).
 
-    rollout, state = step.sample(state, prompt_tokens, prompt_mask, k)   jitted
-    rewards        = task reward of rollout.response_tokens              the host boundary
-    state, metrics = step.learn(state, rollout, rewards, k)              jitted
+    window, state  = step.sample(state, prompt_tokens, prompt_mask, k0)     jitted
+    rewards        = task reward of window.response_tokens                 the host boundary
+    state, metrics = step.learn(state, window, rewards, k - k0, k)         jitted, k in window
 
 `RunState` holds everything a run carries from step to step: the learner's state, the sampler's
 (possibly stale) parameters and policy version, the pending snapshots of the sync schedule, the
 frozen reference parameters of `kl/ref` and the run's root key. `sample` applies the schedule
-inside the state transition: when the sampler does not hold v(k) it takes that snapshot from
-`pending`, then it generates the batch. `learn` scores the rollout, updates the learner, keeps
+inside the state transition: when the sampler does not hold v(k0) it takes that snapshot from
+`pending`, then it generates the batches of a window of steps k0 .. k0 + m - 1 in one call
+(`SyncSchedule.window`: steps whose batches the same version generates, so nothing the learner
+does in between can change them; m = 1 on-policy). Each step's rows get exactly the prompts and
+keys a call for that step alone would give them. `learn` scores one step's rollout of the
+window, updates the learner, keeps
 its new parameters in `pending` when a later step samples from them, and returns the step's
 metrics as device arrays (read once, when they are logged). Token ids out and rewards in are the
 only host transfers of a step.
 
 Every array of a `RunState` has a leading run axis: `num_seeds` runs (one per seed) are one
-vmapped program, and run i computes what a single run of seed i computes.
+vmapped program, and run i computes what a single run of seed i computes. A window adds a step
+axis after it: rollouts are `[runs, m, rows, ...]`.
 
 Keys: one root per run, `key(seed)`; each use folds in its own purpose and the step, so no two
 seeds or roles share draws: sampling at step k uses fold_in(fold_in(root, SAMPLE), k), the
@@ -38,6 +43,7 @@ from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate_rows
 from rl_jax.sync import SyncSchedule
 
 SAMPLE, LEARN, EVAL = 0, 1, 2  # key purposes
+RUNS, WINDOW = "runs", "window"  # the vmapped axes of a RunState and of a generation window
 
 
 def purpose_key(root: jax.Array, purpose: int, step=None) -> jax.Array:
@@ -121,16 +127,19 @@ class Step:
         )
         return jax.jit(jax.vmap(single))(stack(params), roots)
 
-    def sample(self, state: RunState, prompt_tokens, prompt_mask, step):
-        """Sync if due, then draw G responses per prompt: (Rollout, state), run axis first.
+    def sample(self, state: RunState, prompt_tokens, prompt_mask, first_step):
+        """Sync if due, then draw G responses per prompt for each step of a window.
 
-        prompt_tokens, prompt_mask: `[runs, num_prompts, P]` left-padded; `step`: k >= 1.
+        prompt_tokens, prompt_mask: `[runs, m, num_prompts, P]` left-padded, the prompts of steps
+        first_step .. first_step + m - 1 (one window of `SyncSchedule.window`). Returns
+        (Rollout `[runs, m, rows, ...]`, state).
         """
-        return _sample(self, state, prompt_tokens, prompt_mask, step)
+        return _sample(self, state, prompt_tokens, prompt_mask, first_step)
 
-    def learn(self, state: RunState, rollout: Rollout, rewards, step):
-        """Update on the rollout and its `[runs, rows]` rewards: (state, metrics), run axis first."""
-        return _learn(self, state, rollout, rewards, step)
+    def learn(self, state: RunState, window: Rollout, rewards, index, step):
+        """Update on rollout `index` of `window` and its rewards (`[runs, m, rows]`) at learner
+        step `step`: (state, metrics), run axis first."""
+        return _learn(self, state, window, rewards, index, step)
 
     def evaluate(self, state: RunState, prompt_tokens, prompt_mask) -> Rollout:
         """One response per held-out prompt from the learner's policy, `[runs, num_prompts, ...]`.
@@ -141,8 +150,8 @@ class Step:
 
     # -- one run, traced ---------------------------------------------------------------------
 
-    def _sample_one(self, state: RunState, prompt_tokens, prompt_mask, step):
-        version = self.schedule.version_for_step(step)
+    def _sample_one(self, state: RunState, prompt_tokens, prompt_mask, first_step):
+        version = self.schedule.version_for_step(first_step)
         snapshot, pending = state.pending.take(version)
         swap = state.sampler.policy_version != version
         pick = lambda new, old: jnp.where(swap, new, old)
@@ -151,22 +160,29 @@ class Step:
             policy_version=jnp.where(swap, version, state.sampler.policy_version),
         )
         pending = jax.tree.map(pick, pending, state.pending)
-        rollout = generate_rows(
-            self.learner.graphdef, sampler.params, sampler.policy_version,
-            jax.random.fold_in(sampler.key, step),
-            groups.rows_from_prompts(prompt_tokens, self.group_size),
-            groups.rows_from_prompts(prompt_mask, self.group_size), self.sampling, self.mesh,
-        )  # fmt: skip
-        return rollout, state.replace(sampler=sampler, pending=pending)
 
-    def _learn_one(self, state: RunState, rollout: Rollout, rewards, step):
-        batch = TrainBatch.from_rollout(rollout, rewards)
+        def one_step(tokens, mask, step):
+            return generate_rows(
+                self.learner.graphdef, sampler.params, sampler.policy_version,
+                jax.random.fold_in(sampler.key, step),
+                groups.rows_from_prompts(tokens, self.group_size),
+                groups.rows_from_prompts(mask, self.group_size), self.sampling, self.mesh,
+                loop_axes=(RUNS, WINDOW),
+            )  # fmt: skip
+
+        steps = first_step + jnp.arange(prompt_tokens.shape[0], dtype=jnp.int32)
+        window = jax.vmap(one_step, axis_name=WINDOW)(prompt_tokens, prompt_mask, steps)
+        return window, state.replace(sampler=sampler, pending=pending)
+
+    def _learn_one(self, state: RunState, window: Rollout, rewards, index, step):
+        rollout = jax.tree.map(lambda x: x[index], window)
+        batch = TrainBatch.from_rollout(rollout, rewards[index])
         ref_params = state.ref_params if self.learner.ref_metrics else None
         key = purpose_key(state.key, LEARN, step)
         learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key)
         due = self.schedule.snapshot_due(step)
         pending = state.pending.push(step, learner.params, due)
-        metrics.update(rollout_metrics(rollout, rewards, step, self.sampling.max_new_tokens))
+        metrics.update(rollout_metrics(rollout, batch.rewards, step, self.sampling.max_new_tokens))
         return state.replace(learner=learner, pending=pending), metrics
 
 
@@ -188,15 +204,17 @@ def rollout_metrics(rollout: Rollout, rewards, step, cap: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, step):
-    return jax.vmap(step_fn._sample_one, in_axes=(0, 0, 0, None))(
-        state, prompt_tokens, prompt_mask, step
+def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, first_step):
+    return jax.vmap(step_fn._sample_one, in_axes=(0, 0, 0, None), axis_name=RUNS)(
+        state, prompt_tokens, prompt_mask, first_step
     )
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _learn(step_fn: Step, state, rollout, rewards, step):
-    return jax.vmap(step_fn._learn_one, in_axes=(0, 0, 0, None))(state, rollout, rewards, step)
+def _learn(step_fn: Step, state, window, rewards, index, step):
+    return jax.vmap(step_fn._learn_one, in_axes=(0, 0, 0, None, None))(
+        state, window, rewards, index, step
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -204,7 +222,7 @@ def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
     def one(params, version, root):
         return generate_rows(
             step_fn.learner.graphdef, params, version, purpose_key(root, EVAL), prompt_tokens,
-            prompt_mask, step_fn.sampling, step_fn.mesh,
+            prompt_mask, step_fn.sampling, None, loop_axes=(RUNS,),
         )  # fmt: skip
 
-    return jax.vmap(one)(state.learner.params, state.learner.step, state.key)
+    return jax.vmap(one, axis_name=RUNS)(state.learner.params, state.learner.step, state.key)

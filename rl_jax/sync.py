@@ -60,6 +60,27 @@ class SyncSchedule:
         """
         return step % self.interval == 0
 
+    def block(self, step: int) -> tuple[int, int]:
+        """(first, last): the learner steps whose batches version v(step) generates.
+
+        v(k) = v for k in [1, offset + interval] when v = 0, else [v + offset + 1, v + offset +
+        interval]: the sampler's parameters cannot change inside a block.
+        """
+        version = self.version_for_step(step)
+        first = 1 if version == 0 else version + self.offset + 1
+        return first, version + self.offset + self.interval
+
+    def window(self, step: int, size: int) -> tuple[int, int]:
+        """(first step, number of steps) of the generation window that holds `step`.
+
+        A block is cut into windows of `size` steps from its first step (the last one may be
+        shorter), so a window depends only on the schedule and `size`: a resumed or extended
+        run generates exactly the windows an uninterrupted one does.
+        """
+        first, last = self.block(step)
+        start = first + size * ((step - first) // size)
+        return start, min(size, last - start + 1)
+
     @property
     def num_slots(self) -> int:
         """Snapshots that can be due but not yet taken at once: floor(offset / interval) + 1."""

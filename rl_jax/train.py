@@ -73,6 +73,22 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
     return Step(learner, sampling, config.sync_schedule(), config.group_size, mesh)
 
 
+def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:
+    """Steps per generate call: the largest divisor of `sync_interval` (at most `steps`) whose
+    window's float32 KV cache fits `window_cap_gib` per device; 1 on-policy.
+
+    One step's cache is rows * num_seeds * (prompt + response) positions of 2 * num_layers *
+    num_kv_heads * head_dim floats, its rows split over all devices.
+    """
+    model = run.model_config
+    positions = run.task.max_prompt_len + run.max_response_len
+    rows = config.prompts_per_step * config.group_size * config.num_seeds / jax.device_count()
+    per_step = rows * positions * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
+    fits = max(1, int(config.window_cap_gib * 2**30 // per_step))
+    longest = min(config.sync_interval, config.steps, fits)
+    return max(d for d in range(1, longest + 1) if config.sync_interval % d == 0)
+
+
 def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) the config's runs; returns their final state and metrics."""
     runs = config.runs()
@@ -102,7 +118,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
         for single in runs
     ]
     start, state = restore(checkpointers, state)
-    host = HostSide(config, run, step_fn, mesh)
+    host = HostSide(config, run, step_fn, mesh, window_size=generation_window(config, run))
     run_metrics = [[] for _ in runs]
     with contextlib.ExitStack() as stack:
         writers = [
@@ -184,22 +200,19 @@ class HostSide:
     run: build.Run
     step_fn: Step
     mesh: object
+    window_size: int = 1  # steps per generate call (`generation_window`)
+    _window: tuple | None = None  # (first step, steps, rollouts, rewards) of the current window
 
     def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
-        """Learner step k of every run: sample, score on the host, learn; each run's metrics."""
-        config, run = self.config, self.run
+        """Learner step k of every run: sample (a new window when k is past the current one),
+        score on the host, learn; each run's metrics."""
+        config = self.config
         t0 = time.perf_counter()
-        examples = [
-            run.task.sample_prompts((single.seed, step), config.prompts_per_step)
-            for single in config.runs()
-        ]
-        tokens, mask = self._encode(examples)
-        rollout, state = self.step_fn.sample(state, tokens, mask, step)
-        tokens = parallel.to_host(rollout.response_tokens)
-        rewards = self._rewards(tokens, examples, config.group_size)
-        rewards = parallel.from_host(rewards, parallel.run_batch_sharding(self.mesh))
+        if self._window is None or not 0 <= step - self._window[0] < self._window[1]:
+            state = self._sample_window(state, step)
+        start, _, rollouts, rewards = self._window
         t1 = time.perf_counter()
-        state, metrics = self.step_fn.learn(state, rollout, rewards, step)
+        state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step)
         metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
         rows = config.prompts_per_step * config.group_size
@@ -218,6 +231,29 @@ class HostSide:
             out.append(values)
         return state, out
 
+    def _sample_window(self, state: RunState, step: int) -> RunState:
+        """Generates and scores the window of `SyncSchedule.window` that holds `step`."""
+        config, task = self.config, self.run.task
+        start, length = config.sync_schedule().window(step, self.window_size)
+        examples = [
+            [task.sample_prompts((single.seed, k), config.prompts_per_step) for k in
+             range(start, start + length)]
+            for single in config.runs()
+        ]  # fmt: skip
+        tokens, mask = self._encode(examples)
+        rollouts, state = self.step_fn.sample(state, tokens, mask, start)
+        tokens = parallel.to_host(rollouts.response_tokens)  # [runs, m, rows, N]
+        rewards = np.stack(
+            [
+                self._rewards(tokens[:, j], [e[j] for e in examples], config.group_size)
+                for j in range(length)
+            ],
+            axis=1,
+        )
+        rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
+        self._window = (start, length, rollouts, rewards)
+        return state
+
     def evaluate(self, state: RunState) -> list[float]:
         """Each run's mean reward on the fixed held-out prompts (one response each)."""
         examples = self.run.task.eval_examples(self.config.eval_prompts)
@@ -232,18 +268,22 @@ class HostSide:
         rewards = self._rewards(parallel.to_host(rollout.response_tokens), runs, 1)
         return [float(r.mean()) for r in rewards]
 
-    def _encode(self, examples: list[list]):
+    def _encode(self, examples: list[list[list]]):
+        """`[runs][m][num_prompts]` examples -> replicated `[runs, m, num_prompts, P]` arrays."""
+        tokenizer, width = self.run.tokenizer, self.run.task.max_prompt_len
         encoded = [
-            self.run.tokenizer.encode_batch(
-                [ex.prompt for ex in run_examples],
-                length=self.run.task.max_prompt_len,
-                add_bos=True,
-            )  # fmt: skip
-            for run_examples in examples
+            [
+                tokenizer.encode_batch([ex.prompt for ex in e], length=width, add_bos=True)
+                for e in run
+            ]
+            for run in examples
         ]
         replicated = parallel.replicated(self.mesh)
         return tuple(
-            parallel.from_host(np.stack([pair[i] for pair in encoded]), replicated) for i in (0, 1)
+            parallel.from_host(
+                np.asarray([[pair[i] for pair in run] for run in encoded]), replicated
+            )
+            for i in (0, 1)
         )
 
     def _rewards(self, tokens: np.ndarray, examples: list[list], group_size: int) -> np.ndarray:

@@ -11,11 +11,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from rl_jax import build, parallel
+from rl_jax import config as config_lib
+from rl_jax.checkpoint import Checkpointer
 from rl_jax.metrics import read_metrics
+from rl_jax.train import make_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -78,8 +82,16 @@ def _finish(procs, timeout=900) -> list[str]:
 
 
 def _final_params(out: pathlib.Path) -> list[np.ndarray]:
-    state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / str(FIELDS["steps"]) / "state")
-    return [np.asarray(x) for x in __import__("jax").tree.leaves(state["learner"]["params"])]
+    """The learner's parameters in the run's last checkpoint, restored onto this process's one
+    device (the run's own resume path, with a target placed here)."""
+    config = config_lib.build("embedded", **FIELDS, out_dir=str(out))
+    run = build.build_run(config)
+    target = make_step(config, run, parallel.make_mesh(1)).init(run.params, [config.seed])
+    target = jax.tree.map(lambda x: x[0], target)
+    with Checkpointer(out / "checkpoints", save_every=2) as ckpt:
+        step, state, _ = ckpt.restore_latest(target)
+    assert step == FIELDS["steps"]
+    return [np.asarray(x) for x in jax.tree.leaves(state.learner.params)]
 
 
 @pytest.fixture(scope="module")

@@ -68,28 +68,71 @@ def test_keys_of_seeds_and_purposes_are_all_distinct():
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     config = config_lib.build(
-        "embedded", **SMALL, steps=3, num_seeds=2, out_dir=str(tmp_path_factory.mktemp("h"))
+        "embedded",
+        **SMALL,
+        steps=3,
+        num_seeds=2,
+        sync_interval=4,
+        out_dir=str(tmp_path_factory.mktemp("h")),
     )
     run = build.build_run(config)
     mesh = parallel.make_mesh(1)
     return HostSide(config, run, make_step(config, run, mesh), mesh)
 
 
-def test_jitted_sample_and_learn_make_no_implicit_transfers(host):
-    step_fn, config = host.step_fn, host.config
-    state = step_fn.init(host.run.params, [0, 1])
-    examples = [host.run.task.sample_prompts((s, 1), config.prompts_per_step) for s in (0, 1)]
+def _window(host, state, first, length):
+    """(window rollouts, state, examples) of steps first .. first + length - 1."""
+    n = host.config.prompts_per_step
+    examples = [
+        [host.run.task.sample_prompts((s, k), n) for k in range(first, first + length)]
+        for s in (0, 1)
+    ]
     tokens, mask = host._encode(examples)
-    k = jax.device_put(np.int32(1))
+    first = jax.device_put(np.int32(first))
     with jax.transfer_guard("disallow"):
-        rollout, state = step_fn.sample(state, tokens, mask, k)
-    rewards = host._rewards(np.asarray(rollout.response_tokens), examples, config.group_size)
-    rewards = jax.device_put(rewards)
+        window, state = host.step_fn.sample(state, tokens, mask, first)
+    return window, state, examples
+
+
+def test_jitted_sample_and_learn_make_no_implicit_transfers(host):
+    config = host.config
+    state = host.step_fn.init(host.run.params, [0, 1])
+    window, state, examples = _window(host, state, 1, 1)
+    rewards = host._rewards(np.asarray(window.response_tokens[:, 0]), [e[0] for e in examples], 4)
+    rewards = jax.device_put(rewards[:, None])
+    index, k = jax.device_put(np.int32(0)), jax.device_put(np.int32(1))
     with jax.transfer_guard("disallow"):
-        state, metrics = step_fn.learn(state, rollout, rewards, k)
+        state, metrics = host.step_fn.learn(state, window, rewards, index, k)
         jax.block_until_ready(metrics)
     assert metrics["loss"].shape == (2,)
-    assert rollout.response_tokens.shape[:2] == (2, config.prompts_per_step * config.group_size)
+    rows = config.prompts_per_step * config.group_size
+    assert window.response_tokens.shape[:3] == (2, 1, rows)
+
+
+def test_a_window_generates_the_tokens_of_step_by_step_generation(host):
+    """Steps 1..3 in one call equal three calls of one step: the same tokens; the log-probs to
+    float rounding (the batched matmuls of the window sum in another order)."""
+    state = host.step_fn.init(host.run.params, [0, 1])
+    window, state, _ = _window(host, state, 1, 3)
+    for j in range(3):
+        single, state, _ = _window(host, state, 1 + j, 1)
+        np.testing.assert_array_equal(single.response_tokens[:, 0], window.response_tokens[:, j])
+        np.testing.assert_array_equal(single.response_mask[:, 0], window.response_mask[:, j])
+        for name in ("sampled_logp", "untruncated_logp"):
+            np.testing.assert_allclose(
+                getattr(single, name)[:, 0], getattr(window, name)[:, j], atol=1e-5, err_msg=name
+            )
+    np.testing.assert_array_equal(window.policy_version, 0)
+
+
+def test_generation_windows_are_cut_from_sync_blocks():
+    assert [SyncSchedule(20, 0).window(k, 8) for k in (1, 9, 17, 20, 21)] == [
+        (1, 8), (9, 8), (17, 4), (17, 4), (21, 8)
+    ]  # fmt: skip
+    assert [SyncSchedule(1, 10).window(k, 4) for k in (1, 9, 11, 12)] == [
+        (1, 4), (9, 3), (9, 3), (12, 1)
+    ]  # fmt: skip
+    assert [SyncSchedule(1, 0).window(k, 4) for k in (1, 2)] == [(1, 1), (2, 1)]
 
 
 @pytest.fixture(scope="module")
