@@ -10,6 +10,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
 from flax import nnx
 
 from rl_jax import models
@@ -50,14 +51,26 @@ def make_policy(config: TrainConfig, task) -> tuple[models.ModelConfig, Any, Any
         from rl_jax import warm_start
 
         model_config, model = warm_start.load_or_train(task)
-        return model_config, model, task.tokenizer
+        return (*_with_dtypes(model_config, model, config), task.tokenizer)
+    dtypes = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype}
     if config.model in models.config_names():
         model_config = dataclasses.replace(
-            models.get_config(config.model), vocab_size=task.tokenizer.vocab_size
+            models.get_config(config.model, **dtypes), vocab_size=task.tokenizer.vocab_size
         )
         return model_config, models.init_model(model_config, config.seed), task.tokenizer
-    model_config, model = models.load_hf_checkpoint(config.model)
+    model_config, model = models.load_hf_checkpoint(config.model, **dtypes)  # converted on load
     return model_config, model, task.tokenizer
+
+
+def _with_dtypes(model_config, model, config: TrainConfig):
+    """(model_config, model) with the config's compute and parameter dtypes."""
+    dtypes = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype}
+    if all(getattr(model_config, k) == v for k, v in dtypes.items()):
+        return model_config, model
+    model_config = dataclasses.replace(model_config, **dtypes)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0))))
+    params = jax.tree.map(lambda x: x.astype(model_config.param_dtype), nnx.state(model))
+    return model_config, nnx.merge(graphdef, params)
 
 
 def check_model_dir(model: str) -> None:

@@ -77,6 +77,11 @@ class TrainConfig:
     fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
     window_cap_gib: KV-cache GiB per device one generate call may use: the sampler generates
       the batches of up to sync_interval steps (same policy version) in one call within it.
+    compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
+      optimizer moments stay float32); remat: "none" | "full" | "save-dots" recomputation of
+      the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
+      positions per block of the log-prob / entropy / KL pass (0 = one block). README,
+      "Accelerators", gives the settings for each machine.
     out_dir: where metrics, TensorBoard events, checkpoints and config.json go; rerunning into
       it resumes the run there, with the same fields but steps (which may grow) and the
       eval/checkpoint cadence (`rl_jax.run_dir`).
@@ -111,6 +116,12 @@ class TrainConfig:
     ref_metrics: bool = True
     fsdp: int = 1
     window_cap_gib: float = 1.0
+    # Memory and precision at scale (issue 12); validated by _check_memory.
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "xla"
+    logprob_chunk: int = 0
     out_dir: str = "runs/default"
 
     def __post_init__(self):
@@ -163,6 +174,7 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         self.sync_schedule()
         self.optimizer()
+        _check_memory(self)
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise ValueError(f"out_dir {self.out_dir!r} exists and is not a directory")
 
@@ -204,6 +216,13 @@ class TrainConfig:
             )
             for s in range(self.seed, self.seed + self.num_seeds)
         )
+
+    def memory_options(self):
+        """The decoder's `MemoryOptions` (imported here, not at module level: this module stays
+        free of jax so that configs load and validate without it)."""
+        from rl_jax.models import MemoryOptions
+
+        return MemoryOptions(remat=self.remat, attention=self.attention)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -330,3 +349,15 @@ def _check_task_options(task: str, options: Mapping) -> None:
         options_class(**checked)
     except ValueError as error:
         raise ValueError(f"task_options: {error}") from error
+
+
+def _check_memory(config: TrainConfig) -> None:
+    """The issue-12 block: dtypes, recomputation, attention and log-prob chunking."""
+    for name in ("compute_dtype", "param_dtype"):
+        if getattr(config, name) not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"{name} must be 'float32' or 'bfloat16', got {getattr(config, name)!r}"
+            )
+    config.memory_options()  # unknown remat / attention names raise ValueError here
+    if config.logprob_chunk < 0:
+        raise ValueError(f"logprob_chunk must be >= 0 (0 = one block), got {config.logprob_chunk}")

@@ -30,7 +30,7 @@ from rl_jax import advantages as advantages_lib
 from rl_jax import groups, guards, losses
 from rl_jax.algorithms import Algorithm
 from rl_jax.config import OptimizerConfig
-from rl_jax.models import forward
+from rl_jax.models import MemoryOptions, forward_hidden
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -103,14 +103,56 @@ class TrainBatch:
         )
 
 
-def response_logits(graphdef, params, batch: TrainBatch) -> jax.Array:
-    """`[batch, response_len, vocab]` logits that predict each response token."""
+def response_hidden(graphdef, params, batch: TrainBatch, memory: MemoryOptions | None = None):
+    """(hidden `[batch, response_len, d]` that predict each response token, W_head, layout)."""
     prompt_len = batch.prompt_tokens.shape[1]
     tokens = jnp.concatenate([batch.prompt_tokens, batch.response_tokens], axis=1)
     # Tokens after EOS are padding but come after every real token, so causality hides them.
     mask = jnp.concatenate([batch.prompt_mask, jnp.ones_like(batch.response_tokens)], axis=1)
-    logits = forward(graphdef, params, tokens, attention_mask=mask)
-    return logits[:, prompt_len - 1 : -1]
+    hidden, head, layout = forward_hidden(graphdef, params, tokens, mask, memory or MemoryOptions())
+    return hidden[:, prompt_len - 1 : -1], head, layout
+
+
+def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` run in float32 whatever the parameter dtype: its state (AdamW's moments) is float32,
+    gradients and parameters are upcast on the way in and the updates cast back to each
+    parameter's dtype. With float32 parameters (the recommended master copy, with bfloat16
+    compute) every cast is a no-op; with bfloat16 parameters an update smaller than half a
+    bfloat16 ulp of its parameter (|u| < |p| * 2^-9) rounds away when applied."""
+    up = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(up(grads), state, None if params is None else up(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(lambda params: tx.init(up(params)), update)
+
+
+def state_shardings(tx: optax.GradientTransformation, params):
+    """Shardings of `LearnerState(params, tx.init(params), step)` with every optimizer moment
+    placed like its parameter; None (let XLA choose) when `params` are not on a mesh.
+
+    Specs are written without trailing Nones (`P(None, "fsdp")`, not `P(None, "fsdp", None)`),
+    the form XLA gives the update's outputs: equal placements must also compare equal, or the
+    second update would compile again.
+    """
+    leaves = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
+    if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in leaves):
+        return None
+
+    def canonical(s):
+        spec = list(s.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
+
+    shardings = jax.tree.map(lambda x: canonical(x.sharding), params)
+    replicated = jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated
+    )
+    return LearnerState(params=shardings, opt_state=opt_shardings, step=replicated)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -139,6 +181,8 @@ class Learner:
       temperature: the sampling temperature; logp and entropy are of softmax(logits / T).
       micro_batches: gradient-accumulation pieces per update; must divide the batch.
       ref_metrics: compute the KL-to-reference metrics (one extra forward pass per update).
+      memory: layer recomputation and attention implementation (`rl_jax.models.MemoryOptions`).
+      logprob_chunk: response positions per block of `losses.token_stats` (0 = one block).
     """
 
     graphdef: Any
@@ -148,6 +192,8 @@ class Learner:
     temperature: float = 1.0
     micro_batches: int = 1
     ref_metrics: bool = True
+    memory: MemoryOptions = MemoryOptions()
+    logprob_chunk: int = 0
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -158,18 +204,24 @@ class Learner:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 0):
+            raise ValueError(f"logprob_chunk must be an int >= 0, got {self.logprob_chunk!r}")
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return make_optimizer(self.optimizer)
+        return float32_moments(make_optimizer(self.optimizer))
 
     def init_state(self, params) -> LearnerState:
-        """A fresh state (traceable): the params, their optimizer state, step 0."""
+        """A fresh state (traceable): the params, their float32 optimizer state, step 0."""
         return LearnerState(params=params, opt_state=self.tx.init(params), step=jnp.int32(0))
 
     def init(self, params) -> LearnerState:
-        """A fresh state; jitted so its arrays are placed as `update` returns them (one compile)."""
-        return jax.jit(self.init_state)(params)
+        """A fresh state, placed as `update` returns it (one compile of `update`).
+
+        Each optimizer moment is placed like its parameter (under fsdp > 1 sharded like it, not
+        replicated); the step count and other scalars are replicated on the parameters' mesh.
+        """
+        return jax.jit(self.init_state, out_shardings=state_shardings(self.tx, params))(params)
 
     def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
         """One jitted update -> (state, metrics); `state` is donated.
@@ -218,24 +270,28 @@ class Learner:
         return new_state, metrics
 
     def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):
-        logits = response_logits(self.graphdef, params, batch)
-        logp, entropy = losses.token_logprobs(logits, batch.response_tokens, self.temperature)
+        hidden, head, layout = response_hidden(self.graphdef, params, batch, self.memory)
+        ref = None
+        if self.ref_metrics:
+            ref_hidden, ref_head, _ = response_hidden(self.graphdef, ref_params, batch, self.memory)
+            ref = jax.lax.stop_gradient((ref_hidden, ref_head))
+        stats = losses.token_stats(
+            hidden, head, layout, batch.response_tokens, self.temperature, ref=ref,
+            chunk=self.logprob_chunk,
+        )  # fmt: skip
         mask = batch.response_mask.astype(jnp.float32)
         loss, policy_metrics = losses.policy_loss(
-            logp, batch.untruncated_logp, adv, mask, self.algorithm.loss, denominator=denominator
-        )
-        logp = jax.lax.stop_gradient(logp)
+            stats["logp"], batch.untruncated_logp, adv, mask, self.algorithm.loss,
+            denominator=denominator,
+        )  # fmt: skip
+        logp = jax.lax.stop_gradient(stats["logp"])
         sums = {
-            "entropy": losses.masked_sum(jax.lax.stop_gradient(entropy), mask),
+            "entropy": losses.masked_sum(jax.lax.stop_gradient(stats["entropy"]), mask),
             "kl/behaviour": losses.masked_sum(losses.kl_k2(logp, batch.untruncated_logp), mask),
         }
         if self.ref_metrics:
-            ref_logits = jax.lax.stop_gradient(response_logits(self.graphdef, ref_params, batch))
-            ref_logp, _ = losses.token_logprobs(ref_logits, batch.response_tokens, self.temperature)
-            full_kl = losses.full_kl_from_logits(
-                jax.lax.stop_gradient(logits), ref_logits, self.temperature
-            )
+            ref_logp = stats["ref_logp"]
             sums["kl/ref"] = losses.masked_sum(losses.kl_k2(logp, ref_logp), mask)
             sums["kl/ref_k3"] = losses.masked_sum(losses.kl_k3(logp, ref_logp), mask)
-            sums["kl/ref_full"] = losses.masked_sum(full_kl, mask)
+            sums["kl/ref_full"] = losses.masked_sum(jax.lax.stop_gradient(stats["full_kl"]), mask)
         return loss, (policy_metrics, sums)

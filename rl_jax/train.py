@@ -69,6 +69,8 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         temperature=config.temperature,
         micro_batches=config.micro_batches,
         ref_metrics=config.ref_metrics,
+        memory=config.memory_options(),
+        logprob_chunk=config.logprob_chunk,
     )
     return Step(learner, sampling, config.sync_schedule(), config.group_size, mesh)
 

@@ -14,10 +14,18 @@ import pytest
 from flax import nnx
 
 from rl_jax import algorithms, losses, models
-from rl_jax.learner import Learner, TrainBatch, response_logits
+from rl_jax.learner import Learner, TrainBatch
 from rl_jax.sampler import Rollout
 
 B, P, N, G, VOCAB = 16, 6, 8, 4, 32
+
+
+def response_logits(graphdef, params, batch):
+    """The full-vocabulary logits predicting each response token: the reference computation."""
+    tokens = jnp.concatenate([batch.prompt_tokens, batch.response_tokens], axis=1)
+    mask = jnp.concatenate([batch.prompt_mask, jnp.ones_like(batch.response_tokens)], axis=1)
+    logits = models.forward(graphdef, params, tokens, attention_mask=mask)
+    return logits[:, batch.prompt_tokens.shape[1] - 1 : -1]
 
 
 def make_batch(seed=0):

@@ -149,6 +149,8 @@ def test_rope_inv_freq_default_and_llama3_scaling():
         ("qwen2.5-0.5b-instruct", 494_032_768),
         ("qwen2.5-1.5b-instruct", 1_543_714_304),
         ("llama-3.2-1b", 1_235_814_400),
+        ("qwen2.5-7b-instruct", 7_615_616_512),  # the published safetensors totals
+        ("llama-3.1-8b", 8_030_261_248),
     ],
 )
 def test_preset_parameter_counts(name, expected):
@@ -160,7 +162,8 @@ def test_preset_parameter_counts(name, expected):
 
 def test_config_names_and_validation():
     assert set(config_names()) == {
-        "tiny", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "llama-3.2-1b"
+        "tiny", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "qwen2.5-7b-instruct",
+        "llama-3.1-8b", "llama-3.2-1b",
     }  # fmt: skip
     with pytest.raises(ValueError, match="unknown"):
         get_config("gpt2")

@@ -4,9 +4,11 @@ from rl_jax.models.config import Llama3RopeScaling, ModelConfig, config_names, g
 from rl_jax.models.decoder import (
     Decoder,
     KVCache,
+    MemoryOptions,
     decode,
     default_positions,
     forward,
+    forward_hidden,
     init_cache,
     init_model,
 )
@@ -15,12 +17,14 @@ from rl_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint
 __all__ = [
     "Decoder",
     "KVCache",
+    "MemoryOptions",
     "Llama3RopeScaling",
     "ModelConfig",
     "config_names",
     "decode",
     "default_positions",
     "forward",
+    "forward_hidden",
     "get_config",
     "init_cache",
     "init_model",

@@ -10,11 +10,14 @@ layer body for any depth); a cached decode runs them unrolled, each against its 
 (`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
 (num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2). Masked scores take a
 large finite negative value, so rows with nothing to attend to (left padding) stay finite.
-Parameters are float32; `config.dtype` sets the compute dtype.
+Parameters are stored in `config.param_dtype` and cast to the compute dtype `config.dtype` where
+used; logits are float32. `Decoder.hidden_states` takes `MemoryOptions` (layer recomputation,
+attention implementation) for differentiated forwards at scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -89,6 +92,70 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def attend_chunked(q, k, v, allowed, chunk: int) -> jax.Array:
+    """`attend` over blocks of `chunk` queries, each under `jax.checkpoint`.
+
+    Every query row's softmax is independent, so the result equals `attend` up to matmul
+    rounding; the backward pass recomputes one block's `[batch, heads, chunk, kv_len]` scores at
+    a time instead of keeping `[batch, heads, q_len, kv_len]` float32. Queries are padded to a
+    multiple of `chunk` (padded rows attend to nothing, stay finite and are dropped).
+    """
+    q_len = q.shape[1]
+    pad = -q_len % chunk
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
+    blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+    block = jax.checkpoint(lambda qa: attend(qa[0], k, v, qa[1]), prevent_cse=False)
+    out = jax.lax.map(block, (blocks(q), blocks(allowed)))  # [blocks, batch, chunk, heads, d]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])
+    return out[:, :q_len]
+
+
+def attend_dot_product(q, k, v, allowed) -> jax.Array:
+    """`attend` by `jax.nn.dot_product_attention` (implementation=None: cuDNN's fused flash
+    attention on GPU where it applies, which keeps no `[heads, q_len, kv_len]` probabilities for
+    the backward pass; XLA elsewhere). Same shapes and grouped KV heads as `attend`."""
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
+
+
+ATTENTION = ("xla", "chunked", "dot_product")
+# Recomputation of each decoder layer in the backward pass (`jax.checkpoint` policies).
+REMAT_POLICIES = {
+    "none": None,  # keep every layer's intermediates
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "save-dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions:
+    """How a differentiated forward trades compute for memory (hashable: static under jit).
+
+    remat: a `REMAT_POLICIES` name. attention: `xla` (`attend`, exact), `chunked`
+    (`attend_chunked` with `attention_chunk` queries per block) or `dot_product`
+    (`attend_dot_product`).
+    """
+
+    remat: str = "none"
+    attention: str = "xla"
+    attention_chunk: int = 256
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
+            raise ValueError(f"attention_chunk must be an int >= 1, got {self.attention_chunk!r}")
+
+    def attend(self, q, k, v, allowed) -> jax.Array:
+        if self.attention == "chunked":
+            return attend_chunked(q, k, v, allowed, self.attention_chunk)
+        if self.attention == "dot_product":
+            return attend_dot_product(q, k, v, allowed)
+        return attend(q, k, v, allowed)
 
 
 def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -211,14 +278,20 @@ class Decoder(nnx.Module):
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        x = self.final_norm(x)
-        dtype = self.config.dtype
+    def output_head(self) -> tuple[jax.Array, str]:
+        """(W_head, layout): the embedding `[vocab, d]` ("vd") when tied, else `[d, vocab]` ("dv")."""
         if self.lm_head is None:
-            head, spec = self.embed[...], "btd,vd->btv"
-        else:
-            head, spec = self.lm_head[...], "btd,dv->btv"
-        return jnp.einsum(spec, x, head.astype(dtype), preferred_element_type=jnp.float32)
+            return self.embed[...], "vd"
+        return self.lm_head[...], "dv"
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits of final-normed hidden states `x` `[batch, seq, d]`."""
+        head, layout = self.output_head()
+        spec = "btd,vd->btv" if layout == "vd" else "btd,dv->btv"
+        x = x.astype(self.config.dtype)
+        return jnp.einsum(
+            spec, x, head.astype(self.config.dtype), preferred_element_type=jnp.float32
+        )
 
     def __call__(self, tokens, positions=None, attention_mask=None) -> jax.Array:
         """Causal forward over `tokens` `[batch, seq]` int32 -> logits `[batch, seq, vocab]`.
@@ -226,6 +299,16 @@ class Decoder(nnx.Module):
         `attention_mask` `[batch, seq]` is 1 on real tokens and 0 on (left) padding; key j is
         visible to query i iff j <= i and mask[j] = 1. Left padding leaves the logits of real
         tokens unchanged; padded rows are finite but meaningless.
+        """
+        return self._logits(self.hidden_states(tokens, positions, attention_mask))
+
+    def hidden_states(
+        self, tokens, positions=None, attention_mask=None, memory: MemoryOptions = MemoryOptions()
+    ) -> jax.Array:
+        """`__call__` up to the final RMSNorm: `[batch, seq, d]` in the compute dtype.
+
+        `memory` picks the layer recomputation and the attention implementation; every choice
+        computes the same function (`attend_chunked` and `attend_dot_product` up to rounding).
         """
         if positions is None:
             positions = default_positions(tokens, attention_mask)
@@ -239,10 +322,13 @@ class Decoder(nnx.Module):
         def layer(x, params):
             block = nnx.merge(graphdef, params)
             q, k, v = block.qkv(x, positions)
-            return block.finish(x, attend(q, k, v, allowed)), None
+            return block.finish(x, memory.attend(q, k, v, allowed)), None
 
+        policy = REMAT_POLICIES[memory.remat]
+        if memory.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(layer, self._embed(tokens), layer_params)
-        return self._logits(x)
+        return self.final_norm(x)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return init_cache(self.config, batch, max_len, dtype)
@@ -259,18 +345,27 @@ class Decoder(nnx.Module):
             for i in range(self.config.num_layers)
         ]
 
-    def decode(self, tokens, positions, cache: KVCache, cache_index, cache_mask, layers=None):
+    def decode(
+        self, tokens, positions, cache: KVCache, cache_index, cache_mask, layers=None,
+        last_only: bool = False, kv_len: int | None = None,
+    ):  # fmt: skip
         """Run `tokens` `[batch, T]` against `cache`; see `rl_jax.models.decode`.
 
         The layers run unrolled, each against its own cache buffer. `layers` (from
         `unstacked_layers`) lets a caller that decodes in a loop slice the stacked parameters
-        once, outside the loop, instead of at every step.
+        once, outside the loop, instead of at every step. `last_only` projects only the last
+        position onto the vocabulary (logits `[batch, 1, vocab]`: what a prefill needs).
+        `kv_len` (static) attends to the first `kv_len` slots only, which must hold every slot
+        up to `cache_index + T - 1`: a prefill from slot 0 passes T and scores `[T, T]` instead
+        of `[T, max_len]` per head.
         """
         steps = tokens.shape[1]
         max_len = cache.v[0].shape[2]
         slots = cache_index + jnp.arange(steps, dtype=jnp.int32)  # [T]
         causal = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= slots[:, None]  # [T, max_len]
         allowed = causal[None] & (cache_mask[:, None, :] > 0)  # [batch, T, max_len]
+        kv_len = kv_len or max_len
+        allowed = allowed[:, :, :kv_len]
         dtype = self.config.dtype
         zero = jnp.int32(0)
         x = self._embed(tokens)
@@ -283,10 +378,13 @@ class Decoder(nnx.Module):
             v = jax.lax.dynamic_update_slice(
                 v, new_v.transpose(0, 2, 1, 3).astype(v.dtype), (zero, zero, cache_index, zero)
             )
-            x = block.finish(x, attend_cache(q, k_t.astype(dtype), v.astype(dtype), allowed))
+            k_read, v_read = k_t[..., :kv_len].astype(dtype), v[:, :, :kv_len].astype(dtype)
+            x = block.finish(x, attend_cache(q, k_read, v_read, allowed))
             keys.append(k_t)
             values.append(v)
-        return self._logits(x), KVCache(tuple(keys), tuple(values))
+        if last_only:
+            x = x[:, -1:]
+        return self._logits(self.final_norm(x)), KVCache(tuple(keys), tuple(values))
 
 
 def init_model(config: ModelConfig, seed) -> Decoder:
@@ -342,6 +440,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> jax.Array:
     """Pure `Decoder.__call__` over `(graphdef, params) = nnx.split(model)`: jit/vmap/shard it."""
     return nnx.merge(graphdef, params)(tokens, positions, attention_mask)
+
+
+def forward_hidden(
+    graphdef, params, tokens, attention_mask=None, memory: MemoryOptions = MemoryOptions()
+) -> tuple[jax.Array, jax.Array, str]:
+    """Pure `Decoder.hidden_states` -> (hidden `[batch, seq, d]`, W_head, its layout).
+
+    `forward` = `hidden @ W_head` in float32; callers that need only some positions' logits
+    (the learner's response positions) project those themselves (`losses.token_stats`).
+    """
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(tokens, None, attention_mask, memory)
+    return (hidden, *model.output_head())
 
 
 def decode(graphdef, params, tokens, positions, cache, cache_index, cache_mask):
