@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -175,28 +174,15 @@ def build_configs(
     return configs
 
 
-def check_reusable(config: config_lib.TrainConfig) -> None:
-    """A run directory may only be resumed by the same settings (more steps are fine)."""
-    for single in config.runs():
-        path = pathlib.Path(single.out_dir) / "config.json"
-        if not path.is_file():
-            continue
-        old, new = json.loads(path.read_text()), json.loads(single.to_json())
-        changed = sorted(k for k in new if k != "steps" and old.get(k) != new[k])
-        if changed or old.get("steps", 0) > new["steps"]:
-            raise ValueError(
-                f"{single.out_dir} holds a run with other settings ({changed or ['steps']}); "
-                "pass another --out or delete that directory"
-            )
-
-
 def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig]) -> list[Outcome]:
     """Trains (or resumes) each run in turn and reads back its metrics.jsonl."""
+    from rl_jax import run_dir
     from rl_jax.metrics import read_metrics
     from rl_jax.train import train
 
     for config in configs:  # fail before the first run rather than after hours of training
-        check_reusable(config)
+        for single in config.runs():
+            run_dir.check_resume(single)
     outcomes = []
     for spec, config in zip(specs, configs, strict=True):
         print(f"== {spec.label} -> {config.out_dir}", flush=True)

@@ -11,18 +11,36 @@ Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames
 complete, and `save` returns only then. A kill mid-save leaves the temporary directory, which is
 ignored (with a warning) and removed. A finished checkpoint that is later damaged fails to load;
 `restore_latest` then warns and falls back to the next older one.
+
+Integrity: damage that still decodes (random bytes written over array data) would load silently,
+so the meta item also records a CRC-32 of every array's bytes (with its dtype and shape), taken
+from the arrays being saved; `restore_latest` recomputes them on the restored arrays and treats a
+mismatch, or a checkpoint without checksums, like an unreadable one. The checksums live in the
+meta item, so they are committed by the same rename as the arrays. Arrays spread over several
+processes (not fully addressable here) are not checksummed.
+
+A failed save (a full disk, a read-only directory) raises `CheckpointSaveError` with one line
+naming the directory and the cause; the hundred tracebacks that orbax's writer threads print for
+one failed write are held back (they are replayed when the save succeeds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
 import pathlib
+import sys
+import tempfile
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -30,10 +48,108 @@ PyTree = Any
 STATE_ITEM = "state"
 META_ITEM = "meta"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+CHECKSUMS_KEY = "array_checksums"  # reserved key of the meta item
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or set aside."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message names the directory and the cause."""
+
+
+class ChecksumError(ValueError):
+    """Restored arrays differ from the checksums saved with them (or none were saved)."""
+
+
+def _leaf_checksum(leaf) -> str | None:
+    """CRC-32 of a leaf's dtype, shape and bytes, as 8 hex digits; None if not on this process."""
+    if isinstance(leaf, jax.Array):
+        if not leaf.is_fully_addressable:
+            return None
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        leaf = jax.device_get(leaf)  # explicit: the step runs under a transfer guard
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode())
+    return f"{zlib.crc32(array.view(np.uint8).reshape(-1), crc):08x}"
+
+
+def array_checksums(state: PyTree) -> dict[str, str | None]:
+    """{leaf path: checksum} of every leaf of `state` (see `_leaf_checksum`)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(path): _leaf_checksum(leaf) for path, leaf in flat}
+
+
+def _verify_checksums(state: PyTree, expected: Mapping[str, str | None] | None) -> None:
+    if expected is None:
+        raise ChecksumError(
+            "no array checksums were saved with it (saved by an older rl_jax?), so its arrays "
+            "cannot be verified"
+        )
+    actual = array_checksums(state)
+    differ = [
+        path
+        for path, checksum in expected.items()
+        if checksum is not None and actual.get(path) not in (checksum, None)
+    ]
+    if differ or set(actual) != set(expected):
+        differ = differ or sorted(set(actual) ^ set(expected))
+        raise ChecksumError(
+            f"{len(differ)} array(s) differ from the checksums saved with them, e.g. {differ[0]}: "
+            "the files were damaged after the save"
+        )
+
+
+def _save_failure(error: BaseException) -> str:
+    """The cause of a failed save in a few words: the OS error, else the error's first line."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for link in chain:
+        if isinstance(link, OSError) and link.strerror:
+            return f"{link.strerror} ({link.filename})" if link.filename else link.strerror
+    text = " ".join(str(link) for link in chain)
+    for cause in (os.strerror(code) for code in (28, 30, 13, 122)):  # ENOSPC EROFS EACCES EDQUOT
+        if cause in text:
+            return cause
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+class _HeldStderr:
+    """What `_stderr_held_back` yields: set `drop` to discard the output of a successful block."""
+
+    drop = False
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+    """Sends fd 2 (Python's and C++'s writes alike) to a temporary file for the block.
+
+    Replayed on stderr when the block succeeds (unless `drop` was set); dropped if it raises,
+    since orbax's threads then print dozens of tracebacks of the one failure that the raised
+    error already names (and absl logging is silenced for the threads that keep failing).
+    """
+    sys.stderr.flush()
+    original = os.dup(2)
+    control = _HeldStderr()
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield control
+        except BaseException:
+            logging.getLogger("absl").setLevel(logging.CRITICAL)
+            raise
+        else:
+            sys.stderr.flush()
+            if not control.drop:
+                held.seek(0)
+                os.write(original, held.read())
+        finally:
+            sys.stderr.flush()
+            os.dup2(original, 2)
+            os.close(original)
 
 
 def _abstract_leaf(leaf):
@@ -60,6 +176,22 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     # tensorstore errors carry a multi-kilobyte spec after the first line.
     text = str(error).strip().split("\n", 1)[0]
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints in `directory` (named by their step), oldest first.
+
+    Reads the directory listing only: usable without a `Checkpointer`, which creates directories.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in directory.iterdir() if entry.name.isdigit())
+
+
+def read_meta(directory: str | os.PathLike, step: int) -> dict:
+    """The meta item of the checkpoint of `step`, read as plain JSON (OSError, ValueError)."""
+    return json.loads((pathlib.Path(directory) / str(step) / META_ITEM / "metadata").read_text())
 
 
 def _interrupted_saves(directory: pathlib.Path) -> list[str]:
@@ -117,22 +249,32 @@ class Checkpointer:
         """
         if not isinstance(meta, Mapping):
             raise TypeError(f"meta must be a mapping, got {type(meta).__name__}")
+        if CHECKSUMS_KEY in meta:
+            raise ValueError(f"meta key {CHECKSUMS_KEY!r} is reserved for the array checksums")
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as error:
             raise TypeError(f"meta must be JSON-serialisable: {error}") from error
         self._set_aside_unusable_from(step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardSave(state),
-                    META_ITEM: ocp.args.JsonSave(dict(meta)),
-                }
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        meta = {**meta, CHECKSUMS_KEY: array_checksums(state)}
+        try:
+            with _stderr_held_back():
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            STATE_ITEM: ocp.args.StandardSave(state),
+                            META_ITEM: ocp.args.JsonSave(meta),
+                        }
+                    ),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+        except Exception as error:  # orbax wraps OS errors in ValueError and others
+            raise CheckpointSaveError(
+                f"could not save the checkpoint of step {step} in {self.directory}: "
+                f"{_save_failure(error)}"
+            ) from error
 
     def _set_aside_unusable_from(self, step: int) -> None:
         later = [s for s in self.steps if s >= step]
@@ -173,8 +315,8 @@ class Checkpointer:
 
         `target` is a pytree of the saved structure: concrete arrays or jax.ShapeDtypeStruct
         (dtype and sharding of the result follow it; scalars come back as their target's type).
-        Unreadable checkpoints are skipped, newest first, with a CheckpointWarning naming the
-        step and the error.
+        Unreadable checkpoints, and those whose arrays do not match their checksums, are
+        skipped, newest first, with a CheckpointWarning naming the step and the error.
         """
         for name in self._interrupted:
             warnings.warn(
@@ -191,19 +333,27 @@ class Checkpointer:
             (s for s in self.steps if max_step is None or s <= max_step), reverse=True
         )
         for step in candidates:
-            try:
-                restored = self._manager.restore(step, args=args)
-            except Exception as error:  # orbax and tensorstore raise many types, even Exception
+            failure = None
+            with _stderr_held_back() as held:
+                try:
+                    restored = self._manager.restore(step, args=args)
+                    meta = dict(restored[META_ITEM])
+                    _verify_checksums(restored[STATE_ITEM], meta.pop(CHECKSUMS_KEY, None))
+                except Exception as error:  # orbax and tensorstore raise many types
+                    failure = f"{type(error).__name__}: {_first_line(error)}"
+                    del error
+                    gc.collect()  # orbax's abandoned reads finalize (and print) while held
+                    held.drop = True
+            if failure is not None:
                 self._unusable.add(step)
                 warnings.warn(
-                    f"skipping the checkpoint of step {step} in {self.directory}: "
-                    f"{type(error).__name__}: {_first_line(error)}",
+                    f"skipping the checkpoint of step {step} in {self.directory}: {failure}",
                     CheckpointWarning,
                     stacklevel=2,
                 )
                 continue
             state = jax.tree.map(_like_target, target, restored[STATE_ITEM])
-            return step, state, restored[META_ITEM]
+            return step, state, meta
         if candidates:
             warnings.warn(
                 f"none of the checkpoints {candidates[::-1]} in {self.directory} could be restored;"
@@ -214,9 +364,10 @@ class Checkpointer:
         return None
 
     def discard_after(self, step: int) -> None:
-        """Deletes the checkpoints of steps > `step`: a resume from `step` will write them anew
-        (runs trained in lockstep resume from the newest step they all have)."""
-        for later in [s for s in self.steps if s > step]:
+        """Deletes the usable checkpoints of steps > `step`: a resume from `step` writes them anew
+        (runs trained in lockstep resume from the newest step they all have). Unusable ones stay
+        until `save` sets them aside as `<step>.unusable`."""
+        for later in [s for s in self.steps if s > step and s not in self._unusable]:
             self._manager.delete(later)
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import types
@@ -19,6 +20,7 @@ from rl_jax import algorithms
 from rl_jax.sync import SyncSchedule
 
 TASKS = ("arithmetic", "gsm8k")
+MAX_SEED = 2**32 - 1  # jax.random.key(seed) aliases seeds modulo 2**32
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -82,7 +84,9 @@ class TrainConfig:
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
       positions per block of the log-prob / entropy / KL pass (0 = one block). README,
       "Accelerators", gives the settings for each machine.
-    out_dir: where metrics, TensorBoard events, checkpoints and config.json go.
+    out_dir: where metrics, TensorBoard events, checkpoints and config.json go; rerunning into
+      it resumes the run there, with the same fields but steps (which may grow) and the
+      eval/checkpoint cadence (`rl_jax.run_dir`).
     """
 
     task: str = "arithmetic"
@@ -126,7 +130,12 @@ class TrainConfig:
         _check_types(self)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        self.algorithm_preset()  # unknown names and bad overrides raise ValueError here
+        if self.algorithm not in algorithms.names():
+            raise ValueError(
+                f"algorithm must be one of {list(algorithms.names())}, got {self.algorithm!r}"
+            )
+        self.algorithm_preset()  # bad overrides raise ValueError here
+        _check_task_options(self.task, self.task_options)
         positive = (
             "prompts_per_step",
             "max_response_len",
@@ -141,6 +150,11 @@ class TrainConfig:
         if self.group_size < 2:
             raise ValueError(
                 f"group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
+        if not 0 <= self.seed <= MAX_SEED - (max(self.num_seeds, 1) - 1):
+            raise ValueError(
+                f"seed must be an integer in [0, {MAX_SEED}] (the last of num_seeds too), "
+                f"got {self.seed}"
             )
         if not self.window_cap_gib >= 0:
             raise ValueError(
@@ -167,6 +181,15 @@ class TrainConfig:
         _check_memory(self)
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise ValueError(f"out_dir {self.out_dir!r} exists and is not a directory")
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the held-out evaluation runs after learner step `step` (0: before the first).
+
+        Every `eval_every` steps and at the last one; `eval_every=0` or `eval_prompts=0` disables it.
+        """
+        if not (self.eval_every and self.eval_prompts):
+            return False
+        return step % self.eval_every == 0 or step == self.steps
 
     def algorithm_preset(self) -> algorithms.Algorithm:
         return algorithms.get(self.algorithm, **dict(self.algorithm_overrides))
@@ -277,26 +300,59 @@ def build(base: str | None = None, overrides: Mapping | None = None, **fields) -
     return TrainConfig(**merged)
 
 
+def _checked(name: str, value, hint):
+    """`value` if it has type `hint` (ints accepted as floats, floats finite), else ValueError."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):  # `int | None`
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected = typing.get_origin(hint) or hint
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(
+            f"{name} must be of type {getattr(expected, '__name__', expected)}, got {value!r}"
+        )
+    if expected is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 def _check_types(config: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(config):
-        value, hint = getattr(config, field.name), hints[field.name]
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, field.name, float(value))
-            continue
-        if typing.get_origin(hint) is types.UnionType:  # `int | None`
-            if value is None:
-                continue
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        expected = typing.get_origin(hint) or hint
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if not ok:
-            raise ValueError(
-                f"{field.name} must be of type {getattr(expected, '__name__', expected)}, "
-                f"got {value!r}"
-            )
+        value = _checked(field.name, getattr(config, field.name), hints[field.name])
+        object.__setattr__(config, field.name, value)
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}")
+
+
+def _task_options_class(task: str) -> type:
+    if task == "arithmetic":
+        from rl_jax.tasks.arithmetic import ArithmeticConfig
+
+        return ArithmeticConfig
+    from rl_jax.tasks.gsm8k import GSM8KConfig
+
+    return GSM8KConfig
+
+
+def _check_task_options(task: str, options: Mapping) -> None:
+    """Names, types and values of `task_options`, checked against the task's config dataclass."""
+    options_class = _task_options_class(task)
+    allowed = [field.name for field in dataclasses.fields(options_class)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown task_options key(s) {unknown} for task {task!r}; allowed: {allowed}"
+        )
+    hints = typing.get_type_hints(options_class)
+    checked = {k: _checked(f"task_options.{k}", v, hints[k]) for k, v in options.items()}
+    try:
+        options_class(**checked)
+    except ValueError as error:
+        raise ValueError(f"task_options: {error}") from error
 
 
 def _check_memory(config: TrainConfig) -> None:

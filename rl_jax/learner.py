@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import groups, logprobs, losses
+from rl_jax import groups, guards, logprobs, losses
 from rl_jax.algorithms import Algorithm
 from rl_jax.config import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -265,6 +265,8 @@ class Learner:
             jnp.broadcast_to(adv[:, None], mask.shape), mask
         )
         new_state = LearnerState(params=params, opt_state=opt_state, step=state.step + 1)
+        # A non-finite loss or gradient leaves the state as it was; the loop stops the run.
+        new_state = guards.keep_if_finite(guards.update_is_finite(metrics), new_state, state)
         return new_state, metrics
 
     def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):

@@ -13,6 +13,10 @@ it is written, so a killed run leaves a readable file whose last line at worst i
 A run resumed from the checkpoint of step s keeps the lines with step <= s and appends from
 there, so its file equals the file of an uninterrupted run. The TensorBoard writer marks the
 same point with a purge step, which makes TensorBoard discard the older events of steps > s.
+Every step 1..s must then have its line: a file that lost some (deleted, or cut short by hand)
+is refused with `MetricsGapError` rather than continued with a gap. It is not rebuilt: the file
+is the run's only record of its metrics, and keeping a second copy in every checkpoint would
+give two records that can disagree.
 """
 
 from __future__ import annotations
@@ -110,6 +114,39 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [record for _, record in _parse_lines(path.read_text(), str(path))]
 
 
+class MetricsGapError(ValueError):
+    """metrics.jsonl lacks lines of steps before the checkpoint a run resumes from."""
+
+
+def _ranges(steps: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    spans, start = [], steps[0]
+    for previous, step in zip(steps, steps[1:] + [None], strict=True):
+        if step != previous + 1:
+            spans.append(f"{start}-{previous}" if start != previous else f"{start}")
+            start = step
+    return ", ".join(spans)
+
+
+def check_complete(path: str | os.PathLike, resume_step: int) -> None:
+    """Raises MetricsGapError unless the metrics file has a line for every step 1..resume_step."""
+    if resume_step == 0:
+        return
+    path = _metrics_path(path)
+    what = "the run resumes from its checkpoint of step"
+    advice = "restore the file, or start a new run with another --out (or delete the directory)"
+    if not path.is_file():
+        raise MetricsGapError(f"{path} is missing but {what} {resume_step}; {advice}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is reported as part of the gap
+        logged = {record["step"] for _, record in _parse_lines(path.read_text(), str(path))}
+    missing = [step for step in range(1, resume_step + 1) if step not in logged]
+    if missing:
+        raise MetricsGapError(
+            f"{path} lacks the lines of steps {_ranges(missing)} but {what} {resume_step}; {advice}"
+        )
+
+
 def _truncate_after(path: pathlib.Path, resume_step: int) -> None:
     """Atomically rewrite `path` keeping the lines with step <= resume_step (none when 0)."""
     kept = []
@@ -152,7 +189,9 @@ class MetricsWriter:
         the last step); None: the bar when stdout is a terminal, else plain lines.
       log_every: plain-line interval in steps.
       resume_step: the step of the checkpoint the run resumes from; records of later steps are
-        dropped. 0 starts afresh: the file is emptied and older TensorBoard events are purged.
+        dropped, and MetricsGapError is raised (before anything is changed) if a record of an
+        earlier step is missing. 0 starts afresh: the file is emptied and older TensorBoard
+        events are purged.
     """
 
     def __init__(
@@ -174,8 +213,9 @@ class MetricsWriter:
                 f"resume_step must be in [0, total_steps={total_steps}], got {resume_step}"
             )
         self.out_dir = pathlib.Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / METRICS_FILE
+        check_complete(self.path, resume_step)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.log_every = log_every
         self._last_step = resume_step

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, groups, parallel
+from rl_jax import build, groups, guards, parallel, run_dir
 from rl_jax import config as config_lib
-from rl_jax.checkpoint import Checkpointer
+from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
 from rl_jax.sampler import SamplingConfig
@@ -92,7 +93,6 @@ def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:
 
 def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) the config's runs; returns their final state and metrics."""
-    run = build.build_run(config)
     runs = config.runs()
     rows, devices = config.prompts_per_step * config.group_size, jax.device_count()
     if rows % devices:
@@ -101,26 +101,25 @@ def train(config: config_lib.TrainConfig) -> RunResult:
             f"of {jax.process_count()} process(es)"
         )
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
-    for single in runs if primary else ():
-        single_dir = _out(single)
-        single_dir.mkdir(parents=True, exist_ok=True)
-        (single_dir / "config.json").write_text(single.to_json())
     mesh = parallel.make_mesh(config.fsdp)
+    for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
+        run_dir.check_resume(single)
+    for single in runs if primary else ():  # the first write: an unwritable out_dir fails here
+        _out(single).mkdir(parents=True, exist_ok=True)
+    run = build.build_run(config)
     step_fn = make_step(config, run, mesh)
     shardings = parallel.param_shardings(run.params, mesh)
     params = jax.tree.map(parallel.from_host, run.params, shardings)
     state = step_fn.init(params, [single.seed for single in runs])
     checkpointers = [
         Checkpointer(
-            _out(single) / "checkpoints",
+            _out(single) / run_dir.CHECKPOINT_DIR,
             save_every=config.checkpoint_every or config.steps,
             keep=config.keep_checkpoints,
         )  # fmt: skip
         for single in runs
     ]
     start, state = restore(checkpointers, state)
-    if start:
-        print(f"resuming {config.out_dir} from step {start}", flush=True)
     host = HostSide(config, run, step_fn, mesh, window_size=generation_window(config, run))
     run_metrics = [[] for _ in runs]
     with contextlib.ExitStack() as stack:
@@ -131,13 +130,17 @@ def train(config: config_lib.TrainConfig) -> RunResult:
                 else contextlib.nullcontext(_NoWriter())
             )
             for i, single in enumerate(runs)
-        ]
-        if start == 0 and config.eval_every:
+        ]  # each refuses a gap in its metrics.jsonl before the restored step
+        for single in runs if primary else ():
+            run_dir.write_config(single)
+        if start:
+            print(f"resuming {config.out_dir} from step {start}", flush=True)
+        if start == 0 and config.evaluates_at(0):
             for writer, reward in zip(writers, host.evaluate(state), strict=True):
                 writer.write(0, {"eval/reward": reward})
         for step in range(start + 1, config.steps + 1):
             state, step_metrics = host.step(state, step)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            if config.evaluates_at(step):
                 for metrics, reward in zip(step_metrics, host.evaluate(state), strict=True):
                     metrics["eval/reward"] = reward
             for writer, log, metrics in zip(writers, run_metrics, step_metrics, strict=True):
@@ -179,6 +182,12 @@ def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, Ru
     while True:
         restored = [ckpt.restore_latest(s, max_step=limit) for ckpt, s in zip(
             checkpointers, singles, strict=True)]  # fmt: skip
+        for ckpt, r in zip(checkpointers, restored, strict=True):
+            if r is None and limit is None and ckpt.steps:
+                raise ValueError(
+                    f"none of the checkpoints {ckpt.steps} in {ckpt.directory} could be restored "
+                    "(see the warnings above); move them away to start the run afresh"
+                )
         if any(r is None for r in restored):
             return 0, state
         steps = {r[0] for r in restored}
@@ -218,6 +227,9 @@ class HostSide:
         out = []
         for i in range(config.num_seeds):
             values = {name: float(value[i]) for name, value in metrics.items()}
+            guards.check_update(
+                step, values, seed=config.seed + i if config.num_seeds > 1 else None
+            )
             values.update({
                 "time/sample": t1 - t0,
                 "time/learn": t2 - t1,
@@ -288,7 +300,11 @@ class HostSide:
         for run_tokens, run_examples in zip(tokens, examples, strict=True):
             texts = self.run.tokenizer.decode_batch(run_tokens)
             rows = groups.examples_for_rows(run_examples, group_size)
-            out.append([self.run.task.reward(t, ex) for t, ex in zip(texts, rows, strict=True)])
+            run_rewards = [self.run.task.reward(t, ex) for t, ex in zip(texts, rows, strict=True)]
+            guards.check_rewards(
+                np.asarray(run_rewards, np.float32), texts, [ex.prompt for ex in rows]
+            )
+            out.append(run_rewards)
         return np.asarray(out, np.float32)
 
 
@@ -316,16 +332,36 @@ def main(argv=None) -> int:
             overrides["out_dir"] = args.out
         config = config_lib.build(args.config, overrides)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _report(err)
+    created = run_dir.created_root(config.out_dir)
     try:
         result = train(config)
-    except build.InputError as err:  # a bad file or directory, found before anything compiled
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    last = result.metrics[-1] if result.metrics else {}
+    except (ValueError, OSError, guards.NonFiniteError, CheckpointSaveError) as err:
+        run_dir.remove_if_no_output(created, config)
+        return _report(err)
+    if not result.metrics:
+        print(f"nothing to do: the run in {config.out_dir} has finished its {config.steps} steps")
+        return 0
+    last = result.metrics[-1]
     print(" ".join(f"{k}={last[k]:.4g}" for k in ("reward/mean", "kl/ref", "entropy") if k in last))
     return 0
+
+
+def _report(error: Exception) -> int:
+    """Prints one `error:` line for `error`; returns the exit status.
+
+    2: bad input (the config, the out_dir, the files it names); 1: the run itself failed (a
+    non-finite update, a save that did not fit on the disk).
+    """
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        message = f"{error.filename}: {error.strerror}"
+    else:
+        message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if isinstance(error, CheckpointSaveError):
+        # orbax's writer threads keep printing tracebacks of the failed write until exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    return 1 if isinstance(error, (guards.NonFiniteError, CheckpointSaveError)) else 2
 
 
 if __name__ == "__main__":

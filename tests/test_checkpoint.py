@@ -1,5 +1,6 @@
 """Tests for rl_jax.checkpoint: exact round trips, retention, schedule and damaged checkpoints."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_jax.checkpoint import Checkpointer, CheckpointWarning
+from rl_jax.checkpoint import (
+    CHECKSUMS_KEY,
+    Checkpointer,
+    CheckpointSaveError,
+    CheckpointWarning,
+)
 
 
 def _state(seed):
@@ -20,7 +26,13 @@ def _state(seed):
     weights[0, :3] = [np.nan, -0.0, np.inf]  # bit patterns that a float round trip could lose
     return {
         "learner": {
-            "params": {"w": jnp.asarray(weights), "b": jnp.arange(3, dtype=jnp.bfloat16) + seed},
+            "params": {
+                "w": jnp.asarray(weights),
+                "b": jnp.arange(3, dtype=jnp.bfloat16) + seed,
+                # Incompressible 16 KiB: its file is the largest, stored raw, so bytes written
+                # into it decode without an error (what happened to issue 17's float weights).
+                "noise": jnp.asarray(rng.integers(0, 2**32, (64, 64), dtype=np.uint32)),
+            },
             "step": jnp.int32(seed),
             "key": jax.random.key(seed),
         },
@@ -110,15 +122,28 @@ def _truncate_data_files(step_dir):
             os.truncate(path, path.stat().st_size // 2)
 
 
+def _overwrite_largest_data_file(step_dir, num_bytes=4096):
+    """Issue 17's damage: random bytes over the middle of the largest array file, same size."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    size = largest.stat().st_size
+    num_bytes = min(num_bytes, size)
+    with open(largest, "r+b") as file:
+        file.seek((size - num_bytes) // 2)
+        file.write(np.random.default_rng(17).bytes(num_bytes))
+    assert largest.stat().st_size == size
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [
+        (_overwrite_largest_data_file, "ChecksumError: .* differ from the checksums"),
         (_truncate_data_files, "Error"),
         (lambda step_dir: (step_dir / "meta" / "metadata").unlink(), "FileNotFoundError"),
         (lambda step_dir: (step_dir / "state" / "_METADATA").write_text('{"tree'), "Error"),
         (lambda step_dir: shutil.rmtree(step_dir / "state"), "Error"),
     ],
-    ids=["truncated-array", "missing-meta", "torn-metadata", "missing-state"],
+    ids=["random-bytes", "truncated-array", "missing-meta", "torn-metadata", "missing-state"],
 )
 # A failed orbax read can leave tensorstore callbacks that hit a closed event loop later.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -134,6 +159,42 @@ def test_damaged_latest_is_skipped_and_set_aside(saved, damage, reason):
             checkpointer.save(6, _state(60), {"step": 6})
         assert checkpointer.restore_latest(_state(0))[0] == 6
     assert sorted(os.listdir(saved)) == ["2", "4", "6", "6.unusable"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_checkpoint_without_checksums_is_not_trusted(saved):
+    meta_file = saved / "6" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta[CHECKSUMS_KEY]
+    meta_file.write_text(json.dumps(meta))
+    with Checkpointer(saved, save_every=2) as checkpointer:
+        with pytest.warns(CheckpointWarning, match="step 6 .*no array checksums were saved"):
+            assert checkpointer.restore_latest(_state(0))[0] == 4
+
+
+def test_failed_save_is_one_line_naming_directory_and_cause(tmp_path, capfd, monkeypatch):
+    checkpointer = Checkpointer(tmp_path / "ckpt", save_every=1)
+
+    def full_disk(*args, **kwargs):  # what orbax does on ENOSPC: noise on fd 2, a ValueError
+        os.write(2, b"Traceback (most recent call last): RuntimeError: Event loop is closed\n" * 50)
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "x/0" in OCDBT database: Failed to write 1300595 '
+            "bytes to file 21: No space left on device [OS error 28: No space left on device]"
+        )
+
+    monkeypatch.setattr(checkpointer._manager, "save", full_disk)
+    with pytest.raises(CheckpointSaveError) as error:
+        checkpointer.save(1, {"x": jnp.zeros(3)}, {})
+    assert str(error.value) == (
+        f"could not save the checkpoint of step 1 in {tmp_path / 'ckpt'}: No space left on device"
+    )
+    assert "Event loop" not in capfd.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="reserved"):
+        checkpointer.save(1, {"x": jnp.zeros(3)}, {CHECKSUMS_KEY: {}})
+    checkpointer.save(1, {"x": jnp.zeros(3)}, {})  # a working save still succeeds afterwards
+    assert checkpointer.steps == [1]
+    checkpointer.close()
 
 
 def test_interrupted_save_is_ignored_with_a_warning(saved):

@@ -64,7 +64,7 @@ def test_rerun_resumes_finished_runs_and_refuses_other_settings(seed_run):
     again = seed_figure.main(argv)
     assert (out / "grpo" / "metrics.jsonl").read_text() == before
     assert [o.metrics for o in again] == [o.metrics for o in outcomes]
-    with pytest.raises(ValueError, match="other settings.*learning_rate"):
+    with pytest.raises(ValueError, match="holds a different run .*learning_rate=.* -> 0.001"):
         seed_figure.main([*argv, "learning_rate=0.001"])
 
 

@@ -126,6 +126,26 @@ def test_on_policy_ratio_is_one(policy, updates):
     assert float(metrics["pg_clipfrac"]) == 0.0
 
 
+def test_non_finite_update_is_not_applied(policy, updates):
+    """Issue 17: one NaN reward makes the grpo gradient NaN while its logged loss can read 0.0;
+    the update must return the state it was given, bit for bit, and report the NaN."""
+    graphdef, params = policy
+    batch = make_batch()
+    batch = batch.replace(rewards=batch.rewards.at[3].set(jnp.nan))
+    learner = Learner(graphdef, algorithms.get("grpo"), group_size=G)  # compiled by `updates`
+    state = learner.init(jax.tree.map(jnp.copy, params))
+    before = jax.tree.map(np.asarray, state)  # `state` is donated to the update
+    new_state, metrics = learner.update(state, batch, params, jax.random.key(0))
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    # A finite batch through the same compiled update still moves the parameters.
+    moved, metrics = learner.update(new_state, make_batch(), params, jax.random.key(0))
+    assert np.isfinite(float(metrics["grad_norm"])) and int(moved.step) == 1
+    moved_leaves = zip(jax.tree.leaves(moved.params), jax.tree.leaves(before.params), strict=True)
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in moved_leaves)
+
+
 MULTI_DEVICE = textwrap.dedent(
     """
     import dataclasses, jax, jax.numpy as jnp, numpy as np

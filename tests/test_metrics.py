@@ -99,6 +99,24 @@ def test_resume_truncates_to_the_checkpoint_step(tmp_path):
     assert [record["step"] for record in read_metrics(resumed)] == [1]
 
 
+def test_resume_refuses_a_gap_before_the_checkpoint_step(tmp_path):
+    _run(tmp_path, range(1, 41), total_steps=40)
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    torn = "".join(lines[:24]) + lines[24][:10]  # issue 17: torn at line 25, checkpoint at 30
+    path.write_text(torn)
+    with pytest.raises(metrics_lib.MetricsGapError, match="lacks the lines of steps 25-30 but"):
+        _run(tmp_path, [31], resume_step=30, total_steps=40)
+    assert path.read_text() == torn  # refused before anything was changed
+    path.write_text("".join(lines[:3] + lines[4:]))  # one line lost in the middle
+    with pytest.raises(metrics_lib.MetricsGapError, match="steps 4 but .* step 30"):
+        _run(tmp_path, [31], resume_step=30, total_steps=40)
+    path.unlink()
+    with pytest.raises(metrics_lib.MetricsGapError, match="metrics.jsonl is missing but"):
+        _run(tmp_path, [31], resume_step=30, total_steps=40)
+    assert not path.exists()
+
+
 def test_torn_last_line_warns_and_bad_middle_line_raises(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "v": 0.5}\n{"step": 2, "v"')
@@ -122,6 +140,8 @@ def test_plain_lines_every_log_every_and_at_the_end(tmp_path, capsys):
 
 
 def test_progress_bar_shows_key_numbers(tmp_path, capsys):
+    _run(tmp_path, [1], total_steps=4)  # a resumed run has the lines before its checkpoint
+    capsys.readouterr()
     with MetricsWriter(tmp_path, 4, tensorboard=False, progress=True, resume_step=1) as writer:
         writer.write(2, _step_metrics(2))
         writer.write(4, _step_metrics(4))
@@ -150,6 +170,7 @@ def _tensorboard_scalars(directory):
 
 
 def test_tensorboard_scalars_and_purge_step_on_resume(tmp_path):
+    _run(tmp_path, [1, 2], total_steps=3)  # JSONL only: the events below are the resumed run's
     with MetricsWriter(tmp_path, 3, progress=False, resume_step=2) as writer:
         writer.write(3, {"reward/mean": 0.5, "kl/ref": float("nan")})
     scalars, purges = _tensorboard_scalars(tmp_path / metrics_lib.TENSORBOARD_DIR)

@@ -1,0 +1,155 @@
+"""The run directory (`out_dir`): which run it holds, and whether a new invocation may continue it.
+
+A run's identity is every `TrainConfig` field except `RESUMABLE_FIELDS` (its length, logging and
+checkpoint cadence, and where it lives), so a field added to `TrainConfig` is part of the identity
+unless it is listed there. Every checkpoint's meta item stores the config it was written by. Before
+anything is written into an existing `out_dir`, `check_resume` compares:
+
+- the identity stored with the newest readable checkpoint (or, before the first checkpoint,
+  the run's `config.json`) with the new config's; any difference is refused with the fields
+  listed and what to do: resume with the old settings, or start afresh elsewhere;
+- `steps`: it may grow (a finished run is extended: the sampler snapshots a longer run needs are
+  saved, see `SyncSchedule.snapshot_due`), unless the learning-rate schedule decays over `steps`;
+  it may not shrink below the newest checkpoint.
+
+`write_config` writes `config.json` only after that decision (atomically, so a kill never leaves
+a torn one). `created_root` and `remove_if_no_output` let the CLI remove a directory it created
+for a run that failed before writing any metrics or checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+
+from rl_jax import checkpoint
+from rl_jax.config import TrainConfig
+from rl_jax.metrics import METRICS_FILE
+
+# TrainConfig fields that a resumed run may change; every other field is the run's identity.
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "out_dir"}
+)
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunDirError(ValueError):
+    """out_dir holds a run that this config may not continue; the message says what to do."""
+
+
+def identity(config: Mapping) -> dict:
+    """The identity fields of a config given as a dict (`dataclasses.asdict` or stored JSON).
+
+    A field missing from `config` (written before the field existed) takes the field's default,
+    the behaviour the run had when it was written.
+    """
+    identity_fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE_FIELDS]
+    out = {}
+    for field in identity_fields:
+        if field.name in config:
+            out[field.name] = config[field.name]
+        elif field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        else:
+            out[field.name] = field.default_factory()
+    return json.loads(json.dumps(out))  # tuples -> lists, as stored
+
+
+def _stored_config(out: pathlib.Path) -> tuple[dict, str] | None:
+    """(config dict, where it was read) of the run in `out`, or None when there is none."""
+    checkpoints = out / CHECKPOINT_DIR
+    for step in reversed(checkpoint.finished_steps(checkpoints)):
+        try:
+            return json.loads(checkpoint.read_meta(checkpoints, step)["config"]), (
+                f"its checkpoint of step {step}"
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: restore_latest reports it and falls back to an older one
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()), str(path)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise RunDirError(
+            f"{path} is not a readable config ({error}); delete it, or pass another --out"
+        ) from error
+
+
+def _start_afresh(out: pathlib.Path) -> str:
+    return f"to start a new run, pass another --out or delete {out}"
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Raises RunDirError unless `config` may start or continue the run in `config.out_dir`.
+
+    Reads only; nothing is written or created.
+    """
+    out = pathlib.Path(config.out_dir)
+    stored = _stored_config(out)
+    if stored is None:
+        return
+    old, source = stored
+    new = json.loads(config.to_json())
+    old_id, new_id = identity(old), identity(new)
+    differing = [
+        f"{name}={old_id[name]!r} -> {new_id[name]!r}"
+        for name in new_id
+        if old_id[name] != new_id[name]
+    ]
+    old_steps = old.get("steps")
+    if not differing and isinstance(old_steps, int) and old_steps != config.steps:
+        if dataclasses.replace(config, steps=old_steps).optimizer() != config.optimizer():
+            differing.append(
+                f"steps={old_steps} -> {config.steps} (lr_schedule={config.lr_schedule!r} "
+                "decays the learning rate over the run's steps)"
+            )
+    if differing:
+        raise RunDirError(
+            f"{out} holds a different run ({source}): {', '.join(differing)}; to resume it, use "
+            f"its settings (in {out / CONFIG_FILE}); {_start_afresh(out)}"
+        )
+    steps = checkpoint.finished_steps(out / CHECKPOINT_DIR)
+    if steps and config.steps < steps[-1]:
+        raise RunDirError(
+            f"steps={config.steps} is below the newest checkpoint of the run in {out}, step "
+            f"{steps[-1]}; to continue it, pass steps>={steps[-1]}; {_start_afresh(out)}"
+        )
+
+
+def write_config(config: TrainConfig) -> None:
+    """Writes `<out_dir>/config.json` atomically (call after `check_resume`)."""
+    path = pathlib.Path(config.out_dir) / CONFIG_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_json())
+    os.replace(tmp, path)
+
+
+def created_root(out_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The outermost directory of `out_dir` that does not exist yet (what a run would create)."""
+    path = pathlib.Path(out_dir).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_if_no_output(root: pathlib.Path | None, config: TrainConfig) -> None:
+    """Removes `root` (from `created_root`) if none of the config's runs wrote a metrics line
+    or a checkpoint."""
+    if root is None or not root.exists():
+        return
+    for single in config.runs():
+        out = pathlib.Path(single.out_dir)
+        metrics = out / METRICS_FILE
+        if checkpoint.finished_steps(out / CHECKPOINT_DIR) or (
+            metrics.is_file() and metrics.stat().st_size
+        ):
+            return
+    shutil.rmtree(root, ignore_errors=True)
