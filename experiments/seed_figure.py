@@ -12,13 +12,16 @@ Real setup (GSM8K + a Hugging Face Qwen2.5 directory, a TPU/GPU host):
         eval_prompts=256 [task_options.data_dir=data/gsm8k model=checkpoints/Qwen2.5-1.5B-Instruct]
 Options: --steps N, --seed S, --out DIR, key=value TrainConfig overrides (as `rl_jax.train`).
 
-Time: 12 minutes on an idle 2-core CPU (measured: 721 s; 30 minutes when other jobs keep both
-cores busy); the warm start adds ~2.5 minutes the first time, then it is cached. See experiments/results/seed_figure/summary.md.
-Expected (embedded default, seed 0): held-out reward 0.32 at step 0; GRPO and REC-OneSide-NoIS
-overlap within evaluation noise (0.51 at step 20, ~0.93 by step 80, 0.95-0.97 over the last five
-evaluations); RED-Weight is the fastest early (0.84 at step 20), dips to 0.69-0.86 between steps
-80 and 280 with a 5-8x larger KL, and recovers to ~0.96 by step 400. Entropy falls from 0.62 to
-~0.03 nats/token, responses grow from 13.9 to ~16.5 tokens (rambling gives way to worked chains).
+Time: 8 minutes on a nearly idle 2-core CPU (measured 2026-12-01: 483 s; 30 minutes when other
+jobs keep both cores busy); the warm start adds ~2.5 minutes the first time, then it is cached.
+See experiments/results/seed_figure/summary.md.
+Expected (embedded default, seed 0, measured 2026-12-01): held-out reward 0.29 at step 0; GRPO
+and REC-OneSide-NoIS overlap within evaluation noise (0.51 / 0.49 at step 20, 0.84 / 0.85 at step
+100, 0.945 / 0.938 at step 400); RED-Weight is the fastest early (0.73 at step 20) but unstable
+afterwards (0.58-0.86 between steps 80 and 400, 3-5x GRPO's KL) and ends at 0.81. Entropy falls
+from 0.60 to ~0.03 nats/token (0.07 for RED-Weight), responses grow from 12.8 to ~16.5 tokens
+(rambling gives way to worked chains). `--seeds N` trains N seeds per algorithm in one program
+and draws their mean with a 95% band.
 Output: `<out>/<algorithm>/` (metrics.jsonl, tensorboard/, checkpoints/), `<out>/seed_figure.png`
 (2x2: training reward with held-out eval, KL, entropy, response length; one line per algorithm,
 raw values faint, moving average solid) and `<out>/summary.md` (also printed).
