@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from experiments import intervals
 from rl_jax import config as config_lib
 
 DEFAULT_COMPILATION_CACHE = pathlib.Path.home() / ".cache" / "rl_jax" / "jax"
@@ -84,19 +85,8 @@ def band(outcome: Outcome, key: str, window: int = 1):
     rows = [series(records, key) for records in outcome.seed_metrics]
     steps = rows[0][0]
     values = np.stack([moving_average(v, window) for _, v in rows if len(v) == len(steps)])
-    n = values.shape[0]
-    if n < 2:
-        return steps, values[0], np.zeros_like(values[0])
-    half = T_975[min(n - 1, len(T_975)) - 1] * values.std(axis=0, ddof=1) / np.sqrt(n)
-    return steps, values.mean(axis=0), half
-
-
-# Student t quantiles t_{0.975, df} for df = 1..30 (two-sided 95% intervals over seeds).
-T_975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-    2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
+    mean, half = intervals.mean_interval(values)
+    return steps, mean, np.nan_to_num(half)
 
 
 def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:

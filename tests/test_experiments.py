@@ -82,6 +82,29 @@ def test_seeds_run_as_one_program_and_figures_show_their_mean(tmp_path):
     np.testing.assert_allclose(half, 12.706 * values.std(0, ddof=1) / np.sqrt(2))
 
 
+def test_seed_figure_with_seeds_reports_intervals_and_claims(tmp_path):
+    argv = ["--steps", "2", "--seeds", "2", "--out", str(tmp_path), *TINY]
+    seed_figure.main(argv)
+    summary = (tmp_path / "summary.md").read_text()
+    lengths = [
+        [
+            m["response_length/mean"]
+            for m in read_metrics(tmp_path / "grpo" / f"seed_{s}")
+            if m["step"] == 2
+        ]  # fmt: skip
+        for s in (0, 1)
+    ]
+    values = np.ravel(lengths)
+    half = 12.706 * values.std(ddof=1) / np.sqrt(2)
+    rows = [line for line in summary.splitlines() if line.startswith("| GRPO | length |")]
+    assert rows and f"{values.mean():.3f} +- {half:.3f}" in rows[0]
+    for claim in ("GRPO ~ REC-OneSide-NoIS", "RED-Weight has the lowest KL",
+                  "REC-OneSide-NoIS has the lowest entropy", "shortest responses",
+                  "improve steadily"):  # fmt: skip
+        line = next(x for x in summary.splitlines() if claim in x)
+        assert "**supported**" in line or "**not supported**" in line, line
+
+
 def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"\['algorithm'\]"):
         seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])
