@@ -13,7 +13,8 @@ strategies, so the base policy's held-out reward is low (~0.2-0.4) while correct
 one re-weighting away. Loss: token-mean cross-entropy on response tokens (EOS included).
 
 Results are cached under `$RL_JAX_CACHE/warm_start/<hash>` (default `~/.cache/rl_jax`), keyed by
-the task, model and warm-start configs, and written atomically (temporary directory + rename).
+the task, model and warm-start configs and the source of the modules the weights depend on, and
+written atomically (temporary directory + rename).
 """
 
 from __future__ import annotations
@@ -253,10 +254,27 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("RL_JAX_CACHE", pathlib.Path.home() / ".cache" / "rl_jax"))
 
 
+# The code the trained weights depend on, bit for bit: an edit to any of these files trains the
+# warm start anew instead of reusing weights an older version of the code produced.
+_SOURCES = (
+    "warm_start.py", "sampling.py", "tokenizer.py", "tasks/arithmetic.py", "models/decoder.py",
+    "models/attention.py", "models/config.py",
+)  # fmt: skip
+
+
+def _source_digest() -> str:
+    package = pathlib.Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(task: ArithmeticTask, config: WarmStartConfig) -> str:
-    """Hash of everything the checkpoint depends on: task, model, recipe, alphabet."""
+    """Hash of everything the checkpoint depends on: task, model, recipe, alphabet, code."""
     spec = {
         "format": _CACHE_FORMAT,
+        "code": _source_digest(),
         "task": dataclasses.asdict(task.config),
         "alphabet": task.tokenizer.alphabet,
         "model": dataclasses.asdict(model_config(task, config)),

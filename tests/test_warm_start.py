@@ -1,6 +1,7 @@
 """Warm start: teaching data, cache keys, and the end-to-end base policy in the target band."""
 
 import dataclasses
+import pathlib
 
 import numpy as np
 import pytest
@@ -72,6 +73,12 @@ def test_cache_key_tracks_every_config(task, monkeypatch, tmp_path):
     assert key != warm_start.cache_key(other_task, config)
     monkeypatch.setenv("RL_JAX_CACHE", str(tmp_path))
     assert warm_start.cache_dir(task, config) == tmp_path / "warm_start" / key
+    # Weights trained by other code are not reused: the decoder's source is part of the key.
+    real = pathlib.Path(warm_start.__file__).parent / "models" / "decoder.py"
+    edited = real.read_bytes() + b"\n# edited\n"
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: edited if self == real else
+                        open(self, "rb").read())  # fmt: skip
+    assert warm_start.cache_key(task, config) != key
 
 
 def test_config_is_validated():
