@@ -19,7 +19,7 @@ from rl_jax.models import (
     init_cache,
     init_model,
 )
-from rl_jax.models.decoder import rope_inv_freq
+from rl_jax.models.attention import rope_inv_freq
 
 BATCH, LEN, PAD, PROMPT, MAX_LEN = 2, 11, 3, 7, 16
 CONFIG = get_config("tiny", vocab_size=40)

@@ -1,4 +1,7 @@
-"""Grouped-query attention of the decoder, in the four forms it runs.
+"""Rotary position embedding and grouped-query attention of the decoder, in the four forms it runs.
+
+RoPE rotates the pairs (i, i + d/2) of every query and key by position * theta^(-2i/d)
+(`rope_inv_freq`, with Llama-3's frequency scaling when the config has it; `apply_rope`).
 
 With q `[batch, q_len, heads, d]`, k, v `[batch, kv_len, kv_heads, d]` (query head h reads KV
 head h // (heads / kv_heads)) and a boolean `allowed` `[batch, q_len, kv_len]`:
@@ -20,10 +23,47 @@ differentiated forward; a cached decode uses `attend_cache`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rl_jax.models.config import ModelConfig
 
 _MASK_VALUE = -1e30  # finite: a fully masked row softmaxes to uniform instead of NaN
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies `theta^(-2i/head_dim)`, `[head_dim // 2]`, with Llama-3 scaling."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+    inv_freq = 1.0 / config.rope_theta**exponents
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    wavelen = 2 * math.pi / inv_freq
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelen = original / scaling.low_freq_factor
+    high_freq_wavelen = original / scaling.high_freq_factor
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return np.where(medium, interpolated, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate halves of `x` `[batch, seq, heads, head_dim]` by `positions[batch, seq] * inv_freq`.
+
+    Pairs are (i, i + head_dim/2) (the HF "rotate_half" layout), computed in float32.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
