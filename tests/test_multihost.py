@@ -34,7 +34,7 @@ FIELDS = {
 }
 UNTIMED = lambda ms: [
     {k: v for k, v in m.items() if not k.startswith(("time/", "thro"))} for m in ms
-]  # noqa: E501
+]
 
 
 def _env(devices: int, **extra) -> dict:

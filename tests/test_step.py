@@ -2,6 +2,7 @@
 seeds in one program equal to single runs, lockstep resume, and the import structure."""
 
 import ast
+import json
 import pathlib
 import shutil
 import subprocess
@@ -148,9 +149,8 @@ def test_run_i_of_many_equals_a_single_run_of_seed_i(two_seeds):
     out, many, one = two_seeds
     assert [m["step"] for m in read_metrics(out / "many" / "seed_1")] == [1, 2, 3, 4]
     assert (out / "many" / "seed_0" / "checkpoints" / "4").is_dir()
-    stored = config_lib.TrainConfig(**__import__("json").loads(
-        (out / "many" / "seed_1" / "config.json").read_text()))  # fmt: skip
-    assert (stored.seed, stored.num_seeds) == (1, 1)
+    stored = json.loads((out / "many" / "seed_1" / "config.json").read_text())
+    assert (stored["seed"], stored["num_seeds"]) == (1, 1)
     for got, want in zip(many.run_metrics[1], one.metrics, strict=True):
         for name, value in want.items():
             if name.startswith(("time/", "throughput/")):
@@ -176,7 +176,7 @@ def test_many_seeds_resume_in_lockstep_from_their_common_checkpoint(two_seeds):
     assert [m["step"] for m in again.run_metrics[0]] == [3, 4]
     untimed = lambda ms: [
         {k: v for k, v in m.items() if not k.startswith(("time", "through"))} for m in ms
-    ]  # noqa: E501
+    ]
     for i in range(2):
         assert untimed(again.run_metrics[i]) == untimed(many.run_metrics[i][2:])
 
