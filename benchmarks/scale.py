@@ -164,13 +164,17 @@ def generate_program(config, mesh, args):
     params = abstract(params, parallel.param_shardings(params, mesh))
     sharding = parallel.batch_sharding(mesh)
     prompts = jax.ShapeDtypeStruct((args.rows, args.prompt_len), jnp.int32, sharding=sharding)
-    knobs = sampler._Knobs.of(sampler.SamplingConfig(eos_id=1, max_new_tokens=args.response_len))
+    sampling = sampler.SamplingConfig(
+        eos_id=1, max_new_tokens=args.response_len, generation_buckets=(args.response_len,)
+    )
     if args.layer_copies != "auto":
         sampler.LAYER_COPY_MAX_BYTES = float("inf") if args.layer_copies == "on" else -1
-    return sampler._generate_jit.lower(
-        graphdef, 0, False, args.response_len, mesh, params, jnp.int32(0), jax.random.key(0),
-        prompts, prompts, knobs,
-    ).compile()  # fmt: skip
+    program = jax.jit(
+        lambda p, key, tokens, mask: sampler.generate_rows(
+            graphdef, p, jnp.int32(0), key, tokens, mask, sampling, mesh
+        )
+    )
+    return program.lower(params, jax.random.key(0), prompts, prompts).compile()
 
 
 def main(argv=None) -> int:
