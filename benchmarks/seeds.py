@@ -3,9 +3,9 @@
     python benchmarks/seeds.py                       # seeds 1 2 5 10, 8 steps each
     python benchmarks/seeds.py --seeds 1 5 --steps 12
 
-For each seed count N, the embedded default (warm-started tiny policy, 16 prompts x 8 responses,
-GRPO, sync_interval 1) runs `--steps` steps of `rl_jax.train.HostSide.step` with
-`num_seeds = N`: one vmapped sample, the host reward of all N batches, one vmapped learn. The
+For each seed count N, the embedded default (warm-started tiny policy, 8 prompts x 8
+responses; 16 x 8 before 2026-12-02, GRPO, sync_interval 1) runs `--steps` steps of
+`rl_jax.train.HostSide.step` with `num_seeds = N`: one vmapped sample, the host reward of all N batches, one vmapped learn. The
 median over the steps after the first (which compiles) is reported with its sample / learn
 split, the time per seed-step, the ratio to one seed, and the useful FLOP rate of the whole step
 (`peak.sequence_flops` at the batch's mean response length, times N) as a share of the matmul

@@ -10,7 +10,8 @@ generates the batches of those k steps in one call (`SyncSchedule.window`, up to
 every program) are not timed. Reported over the timed steps: sampling throughput (rollout
 tokens per second of sampling time), whole steps per second, the sample / learn seconds per
 step, and the ratios to interval 1 measured in the same run. Workloads:
-  embedded   the warm-started tiny policy on the sums task, 16 prompts x 8, 25-token cap;
+  embedded   the warm-started tiny policy on the sums task, 8 prompts x 8 (16 x 8 in the entries
+             recorded before 2026-12-02), 25-token cap;
   reference  ../shared/models/tiny-qwen2 on the peers' prompts "What is A+B? Answer:",
              8 prompts x 8, 64 new tokens (benchmarks/rl_step.py), no reference-model KL.
 A line `RESULT_JSON {...}` ends the output.

@@ -89,8 +89,9 @@ def band(outcome: Outcome, key: str, window: int = 1):
     return steps, mean, np.nan_to_num(half)
 
 
-def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
-    """The shared command line: --steps --seed --out --config --compilation-cache key=value..."""
+def make_parser(doc: str, steps: int, out: str, seeds: int = 1) -> argparse.ArgumentParser:
+    """The shared command line: --steps --seed --seeds --out --config --compilation-cache
+    key=value..."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n")[0],
         epilog=doc,
@@ -100,7 +101,10 @@ def make_parser(doc: str, steps: int, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=steps, help="learner steps per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--seeds", type=int, default=1, help="seeds per run, trained as one program (num_seeds)"
+        "--seeds",
+        type=int,
+        default=seeds,
+        help="seeds per run, trained as one program (num_seeds)",
     )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(out))
     parser.add_argument(
@@ -250,8 +254,15 @@ def settings_line(config: config_lib.TrainConfig) -> str:
     model = config.model if len(config.model) < 32 else pathlib.Path(config.model).name
     return (
         f"{config.task}, {model}, {config.prompts_per_step} prompts x {config.group_size}, "
-        f"lr {config.learning_rate:g}, T {config.temperature:g}, seed {config.seed}"
+        f"lr {config.learning_rate:g}, T {config.temperature:g}, {seeds_label(config)}"
     )
+
+
+def seeds_label(config: config_lib.TrainConfig) -> str:
+    """'seed 3', or 'seeds 0-4 (mean, 95% band)' for a run of several seeds."""
+    if config.num_seeds == 1:
+        return f"seed {config.seed}"
+    return f"seeds {config.seed}-{config.seed + config.num_seeds - 1} (mean, 95% band)"
 
 
 def command_line(module: str, argv: Sequence[str]) -> str:
@@ -320,7 +331,8 @@ def plot_reward_grid(
     outcomes: Mapping[str, Sequence[Outcome]], title: str, path: pathlib.Path
 ) -> None:
     """One column per group (e.g. a sync setting), one line per run: training reward (moving
-    average, raw faint) on the top row, held-out eval reward on the bottom row."""
+    average, raw faint) on the top row, held-out eval reward on the bottom row; with several
+    seeds the lines are means over seeds with a shaded 95% interval."""
     plt = _pyplot()
     ncols = len(outcomes)
     fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 6.5), squeeze=False, sharey=True)
@@ -332,9 +344,12 @@ def plot_reward_grid(
             color = f"C{index}"
             steps, values = series(outcome.metrics, "reward/mean")
             top.plot(steps, values, color=color, alpha=0.15, linewidth=0.7)
-            top.plot(steps, moving_average(values, window), color=color, label=outcome.spec.label)
-            steps, values = series(outcome.metrics, "eval/reward")
-            bottom.plot(steps, values, color=color, marker="o", markersize=2.5)
+            for ax, key, smooth in ((top, "reward/mean", window), (bottom, "eval/reward", 1)):
+                steps, mean, half = band(outcome, key, smooth)
+                marker = {"marker": "o", "markersize": 2.5} if key == "eval/reward" else {}
+                ax.plot(steps, mean, color=color, label=outcome.spec.label, **marker)
+                if half.any():  # 95% interval over seeds
+                    ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.15)
         top.set_title(group, fontsize=10)
         bottom.set_xlabel("learner step")
         for ax in (top, bottom):

@@ -5,31 +5,43 @@ synced every 20 steps (DESIGN.md §4): within each block of 20 steps the data co
 increasingly stale policy (staleness 0..19), so the training-batch reward moves in a staircase.
 The learner itself is evaluated every 20 steps (and at step 0) on a fixed held-out prompt set.
 
-Run (embedded default, a laptop/CPU):
+Run (embedded default, a laptop/CPU; 5 seeds per algorithm):
     python -m experiments.seed_figure
 Real setup (GSM8K + a Hugging Face Qwen2.5 directory, a TPU/GPU host):
     python -m experiments.seed_figure --config gsm8k-qwen2.5-1.5b --out runs/seed_figure_gsm8k \
-        eval_prompts=256 [task_options.data_dir=data/gsm8k model=checkpoints/Qwen2.5-1.5B-Instruct]
-Options: --steps N, --seed S, --seeds N, --out DIR, key=value TrainConfig overrides (as
-`rl_jax.train`). With --seeds N > 1 the summary gives mean +- 95% t-interval over seeds at steps
-100, 200, the last step and over the last 50 steps, and one line per claim of the paper's figure
-(GRPO ~ REC-OneSide-NoIS in reward; RED-Weight lowest KL; REC-OneSide-NoIS lowest entropy and
-shortest responses; all three improving) saying whether the runs support it, with the paired
-interval that decides it (`experiments/intervals.py`).
+        --seeds 1 eval_prompts=256 [task_options.data_dir=data/gsm8k model=checkpoints/...]
+Options: --steps N, --seed S, --seeds N (default 5: seeds S .. S+4 of each algorithm trained as
+one vmapped program), --out DIR, key=value TrainConfig overrides (as `rl_jax.train`). With
+--seeds N > 1 the figure draws the mean over seeds with a 95% band, and the summary gives mean
++- 95% t-interval at steps 100, 200, the last step and over the last 50 steps, and one line per
+claim of the paper's figure (GRPO ~ REC-OneSide-NoIS in reward; RED-Weight lowest KL;
+REC-OneSide-NoIS lowest entropy and shortest responses; all three improving) saying whether the
+runs support it, with the paired interval that decides it (`experiments/intervals.py`).
 
-Time: 8 minutes on a nearly idle 2-core CPU (measured 2026-12-01: 483 s; 30 minutes when other
-jobs keep both cores busy); the warm start adds ~2.5 minutes the first time, then it is cached.
-See experiments/results/seed_figure/summary.md.
-Expected (embedded default, seed 0, measured 2026-12-01): held-out reward 0.29 at step 0; GRPO
-and REC-OneSide-NoIS overlap within evaluation noise (0.51 / 0.49 at step 20, 0.84 / 0.85 at step
-100, 0.945 / 0.938 at step 400); RED-Weight is the fastest early (0.73 at step 20) but unstable
-afterwards (0.58-0.86 between steps 80 and 400, 3-5x GRPO's KL) and ends at 0.81. Entropy falls
-from 0.60 to ~0.03 nats/token (0.07 for RED-Weight), responses grow from 12.8 to ~16.5 tokens
-(rambling gives way to worked chains). `--seeds N` trains N seeds per algorithm in one program
-and draws their mean with a 95% band.
-Output: `<out>/<algorithm>/` (metrics.jsonl, tensorboard/, checkpoints/), `<out>/seed_figure.png`
-(2x2: training reward with held-out eval, KL, entropy, response length; one line per algorithm,
-raw values faint, moving average solid) and `<out>/summary.md` (also printed).
+The recipe (docs/DESIGN.md §7, changed 2026-12-02 so that the 400 steps are informative): the
+warm start mostly rambles into the 25-token cap (held-out reward ~0.2), lr 2e-5, 8 prompts x 8.
+Before, with lr 1e-4, 16 prompts and a warm start dominated by short wrong `#S` guesses, GRPO
+reached 0.94 by step 80 and responses grew; now GRPO's mean held-out reward reaches 90% of its
+final gain at step 160 and still rises over steps 200-400, responses shorten as capped rambles
+give way to worked chains, entropy falls and KL to the initial policy rises gradually.
+
+Time: 26 min (1568 s, 2026-12-02, a nearly idle 2-core AMD EPYC, warm start retrained in it:
+~40 s): 468-488 s of sampling and learning per algorithm, ~1.2 s per step of 5 x 64 responses.
+The target of 20 min is not met (BENCHMARKS.md, "Many seeds in one program"); `--seeds 1` takes
+about a fifth of it (one seed: ~0.25 s per step).
+Expected (5 seeds, measured 2026-12-02; experiments/results/seed_figure/summary.md): held-out
+reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
+0.739 / 0.844 / 0.877, RED-Weight 0.759 / 0.812 / 0.873 (+- 0.02-0.04); response length 20.9 ->
+16.4 tokens, entropy 0.62 -> 0.07 nats/token (RED-Weight 0.08), KL (k2) 0 -> 0.09 for all three.
+The intervals support GRPO ~ REC-OneSide-NoIS (training-reward difference over the last 50 steps
+0.002 +- 0.003) and all three improving in both halves; they do not support RED-Weight having
+the lowest KL (all 0.092), REC-OneSide-NoIS the lowest entropy (equal to GRPO's; both below
+RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.011 +- 0.024 and
+-0.025 +- 0.025 tokens).
+Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
+<algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
+eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
+average solid with its 95% band over seeds) and `<out>/summary.md` (also printed).
 """
 
 from __future__ import annotations
@@ -169,7 +181,7 @@ def claims(outcomes) -> str:
 
 def main(argv=None) -> list[common.Outcome]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = common.make_parser(__doc__, steps=400, out="runs/seed_figure").parse_args(argv)
+    args = common.make_parser(__doc__, steps=400, out="runs/seed_figure", seeds=5).parse_args(argv)
     common.enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
     run_specs = specs()

@@ -13,7 +13,7 @@ import pathlib
 import time
 from collections.abc import Mapping, Sequence
 
-from experiments import common
+from experiments import common, intervals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +70,19 @@ def select(items: Sequence, names: str | None, what: str) -> list:
     return [item for item in items if item.name in wanted]
 
 
+def seed_cell(outcome: common.Outcome, value) -> str:
+    """`value(records)` of each seed's metrics as mean +- 95% t-interval over seeds (the value
+    alone for one seed; `experiments/intervals.py`)."""
+    mean, half = intervals.mean_interval([value(records) for records in outcome.seed_metrics])
+    return intervals.describe(float(mean), float(half))
+
+
 def study_table(outcomes: Sequence[common.Outcome], algos, syncs, value) -> str:
-    """Rows: algorithms; columns: sync settings; cells: `value(outcome)`."""
+    """Rows: algorithms; columns: sync settings; cells: `seed_cell(outcome, value)`."""
     by_name = {o.spec.name: o for o in outcomes}
-    rows = [[a.label] + [value(by_name[f"{s.name}/{a.name}"]) for s in syncs] for a in algos]
+    rows = [
+        [a.label] + [seed_cell(by_name[f"{s.name}/{a.name}"], value) for s in syncs] for a in algos
+    ]
     return common.markdown_table(["algorithm", *(s.label for s in syncs)], rows)
 
 
@@ -102,16 +111,21 @@ def run_study(module: str, doc: str, argv, algos, syncs, defaults, figure: str, 
     start_eval = common.eval_stats(outcomes[0].metrics)["eval_start"]
     cells = (
         (f"Held-out reward at the last evaluation (step 0: {start_eval:.3f})",
-         lambda o: common.eval_stats(o.metrics)["eval_final"]),
-        ("Best held-out reward over the run", lambda o: common.eval_stats(o.metrics)["eval_best"]),
+         lambda m: common.eval_stats(m)["eval_final"]),
+        ("Best held-out reward over the run", lambda m: common.eval_stats(m)["eval_best"]),
         ("Training reward, mean of the last 20 steps",
-         lambda o: common.tail_mean(o.metrics, "reward/mean", 20)),
+         lambda m: common.tail_mean(m, "reward/mean", 20)),
         ("KL to the initial policy (k2), mean of the last 20 steps",
-         lambda o: common.tail_mean(o.metrics, "kl/ref", 20)),
+         lambda m: common.tail_mean(m, "kl/ref", 20)),
     )  # fmt: skip
     tables = "\n\n".join(
         f"{caption}:\n\n{study_table(outcomes, algos, syncs, value)}" for caption, value in cells
     )
+    if args.seeds > 1:
+        tables = (
+            f"{args.seeds} seeds per run (seed {args.seed} on); each cell is the mean +- the 95% "
+            f"t-interval over seeds.\n\n{tables}"
+        )
     elapsed = time.perf_counter() - start
     text = common.write_summary(
         out, title, common.command_line(module, argv), tables,

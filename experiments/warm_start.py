@@ -7,10 +7,10 @@ held-out prompts, and caches the checkpoint under `$RL_JAX_CACHE/warm_start/<has
 `rl_jax.warm_start.load_or_train()`.
 
 Run:   python -m experiments.warm_start [--force] [--seed 0]
-Time:  about 2 minutes on 2 CPU cores the first time; instant once cached.
-Expected (seed 0): held-out reward ~0.3 (the band 0.2-0.4 is the target): chains ~15-20% of
-responses at ~0.85-0.9 accuracy, direct `#S` answers ~40% (right on two-term sums only), rambling
-~40% (no answer, runs into the 25-token cap).
+Time:  under a minute on 2 idle CPU cores the first time (37 s measured); instant once cached.
+Expected (seed 0, measured 2026-12-02): held-out reward 0.20: chains 19% of responses at 0.88
+accuracy, direct `#S` answers 12% (right on two-term sums only), rambling 69% (no answer, runs
+into the 25-token cap); mean response length 20.9 tokens.
 """
 
 from __future__ import annotations

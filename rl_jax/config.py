@@ -94,13 +94,13 @@ class TrainConfig:
     model: str = "warm-start"
     algorithm: str = "grpo"
     algorithm_overrides: Mapping[str, typing.Any] = dataclasses.field(default_factory=dict)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     group_size: int = 8
     max_response_len: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-5
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -56,7 +56,7 @@ def test_overrides_parse_json_and_dotted_keys():
     }
     cfg = config_lib.build("embedded", parsed)
     assert cfg.algorithm_preset().loss.eps_high == 0.6
-    assert cfg.learning_rate == 1e-4 and isinstance(cfg.temperature, float)
+    assert cfg.learning_rate == 2e-5 and isinstance(cfg.temperature, float)
 
 
 def test_json_file_round_trip(tmp_path):

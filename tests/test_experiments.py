@@ -30,7 +30,7 @@ def table_row(summary: str, label: str) -> list[str]:
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("seed_figure")
-    argv = ["--steps", "2", "--seed", "3", "--out", str(out), *TINY]
+    argv = ["--steps", "2", "--seed", "3", "--seeds", "1", "--out", str(out), *TINY]
     return out, argv, seed_figure.main(argv)
 
 
@@ -80,6 +80,10 @@ def test_seeds_run_as_one_program_and_figures_show_their_mean(tmp_path):
     values = np.array([[m["reward/mean"] for m in ms[1:]] for ms in per_seed])
     np.testing.assert_allclose(centre, values.mean(0))
     np.testing.assert_allclose(half, 12.706 * values.std(0, ddof=1) / np.sqrt(2))
+    tails = values.mean(1)  # each seed's training reward over its last (<= 20) steps
+    cell = f"{tails.mean():.3f} +- {12.706 * tails.std(ddof=1) / np.sqrt(2):.3f}"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "2 seeds per run" in summary and cell in summary
 
 
 def test_seed_figure_with_seeds_reports_intervals_and_claims(tmp_path):

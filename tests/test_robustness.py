@@ -76,7 +76,7 @@ def _fake_run(out, **fields):
     "override, field",
     [
         ("algorithm=reinforce", "algorithm='grpo' -> 'reinforce'"),
-        ("learning_rate=1e-3", "learning_rate=0.0001 -> 0.001"),
+        ("learning_rate=1e-3", "learning_rate=2e-05 -> 0.001"),
         ("group_size=4", "group_size=2 -> 4"),
         ("model=tiny", "model='warm-start' -> 'tiny'"),
     ],

@@ -95,8 +95,9 @@ def test_config_is_validated():
 @pytest.mark.slow
 def test_warm_start_base_policy_in_band(task):
     """The real warm start (default recipe), in the suite's shared cache (tests/conftest.py sets
-    RL_JAX_CACHE) so the RL tests reuse it: held-out reward in 0.2-0.4, with all three behaviours
-    present and correct chains one re-weighting away."""
+    RL_JAX_CACHE) so the RL tests reuse it: a low held-out reward (0.20 measured) with all three
+    behaviours present, rambles into the length cap the most common one (so RL shortens
+    responses), and correct chains one re-weighting away."""
     config = WarmStartConfig()
     model_cfg, model = warm_start.load_or_train(task, config)
     path = warm_start.cache_dir(task, config)
@@ -105,10 +106,10 @@ def test_warm_start_base_policy_in_band(task):
     assert not [p for p in path.parent.iterdir() if p.name.startswith((".", "tmp"))]
     assert model_cfg == warm_start.model_config(task, config)
     metrics = warm_start.read_report(path)["eval"]
-    assert 0.2 <= metrics["reward"] <= 0.4, metrics
+    assert 0.1 <= metrics["reward"] <= 0.35, metrics
     assert metrics["share/chain"] >= 0.08 and metrics["accuracy/chain"] >= 0.7, metrics
-    assert metrics["share/direct"] >= 0.15 and metrics["share/other"] >= 0.15, metrics
-    assert metrics["clip_ratio"] >= 0.1, metrics
+    assert metrics["share/direct"] >= 0.04 and metrics["share/other"] >= 0.5, metrics
+    assert metrics["clip_ratio"] >= 0.5 and metrics["response_length"] >= 18, metrics
 
     # Loading again never retrains, and sampling the loaded checkpoint with the same key
     # reproduces the evaluation recorded from the freshly trained parameters exactly.
