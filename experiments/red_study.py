@@ -13,14 +13,20 @@ Run (embedded default, CPU):
 Real setup (a TPU/GPU host):
     python -m experiments.red_study --config gsm8k-qwen2.5-1.5b --out runs/red_study_gsm8k \
         eval_prompts=256
-Options: --steps N, --seed S, --out DIR, key=value TrainConfig overrides (as `rl_jax.train`).
+Options: --steps N, --seed S, --seeds N (seeds per run, one vmapped program; tables then give
+mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
+overrides (as `rl_jax.train`).
 
-Time: 6 runs; at 200 steps (1,200 learner steps, as many as the seed figure; the committed
-results in experiments/results/red_study/) 32 minutes on this 2-core CPU shared with other jobs
-(load ~5), about twice that at the default 400 steps.
-Expected (200 steps): on-policy all three overlap (held-out 0.32 -> ~0.97); at sync interval 20
-GRPO reaches 0.98, RED-Weight is fastest early (0.84 at step 20) then sags to 0.7-0.86, and
-RED-Drop (no clipping) collapses after step 60 (0.21 at step 80) and only partly recovers.
+Time: 6 runs; with 3 seeds at 200 steps (the committed results in experiments/results/red_study/)
+21 minutes on this 2-core CPU (1259 s, 2026-12-02, sharing it with the test suite for the first
+15 minutes), about twice that at the default 400 steps.
+Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): every algorithm at both sync
+settings ends at held-out 0.82-0.85 (+- 0.04-0.08) from 0.20, with KL 0.084-0.092; at sync
+interval 20 RED-Drop and RED-Weight are a little faster early (held-out 0.50 and 0.56 against
+0.44 for GRPO at step 40, 0.66 and 0.68 against 0.57 at step 60, the bands overlapping) and the
+same at the end. RED-Drop without clipping
+stays stable at this learning rate (with lr 1e-4, before 2026-12-02, one seed of it collapsed
+after step 60 at interval 20).
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/red_study.png` (one column per sync setting:
 training reward on top, held-out reward below) and `<out>/summary.md` (also printed).
 """
