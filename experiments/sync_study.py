@@ -13,15 +13,19 @@ Run (embedded default, CPU):
 Real setup (a TPU/GPU host):
     python -m experiments.sync_study --config gsm8k-qwen2.5-1.5b --out runs/sync_study_gsm8k \
         eval_prompts=256
-Options: --steps N, --seed S, --out DIR, key=value TrainConfig overrides (as `rl_jax.train`).
+Options: --steps N, --seed S, --seeds N (seeds per run, one vmapped program; tables then give
+mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
+overrides (as `rl_jax.train`).
 
-Time: 24 runs; at 100 steps (the committed results in experiments/results/sync_study/) 26
-minutes on this 2-core CPU (lightly shared), so roughly 1h45 at the default 400 steps.
-Expected (100 steps): on-policy all variants overlap (0.32 -> ~0.95 held-out); at interval 20
-and offset 10 REINFORCE is fast, then collapses (0.2 at step 60), GRPO = REC-OneSide-IS =
-REC-OneSide-NoIS (~0.92 at step 100), the (0.6, 2.0) range is fastest (0.79-0.86 at step 20)
-and stable; offline the (0.2, 0.2) variants stall at ~0.52, (0.6, 2.0) reaches ~0.8, REINFORCE
-~0.85 with a huge KL. See experiments/results/sync_study/summary.md for the paper's claims.
+Time: the committed results (experiments/results/sync_study/: 4 of the 6 algorithms, 3 seeds,
+200 steps, `--algorithms reinforce,grpo,rec-oneside-nois,rec-oneside-nois-wide`) took 42 minutes
+on this 2-core CPU (2523 s, 2026-12-02, nearly idle): ~0.75 s per 3-seed step. All 24 runs at 3
+seeds and 400 steps would take about 4 hours.
+Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.85 held-out);
+at offset 10 REINFORCE peaks at ~0.82 and falls back (0.67 +- 0.10 at step 200) while GRPO =
+REC-OneSide-NoIS (~0.85); the (0.6, 2.0) range is fastest off-policy (0.53 at step 40 against
+0.44) and stable; offline the (0.2, 0.2) variants stall at 0.3-0.37, (0.6, 2.0) reaches ~0.68,
+REINFORCE ~0.78 with a KL of ~30. The summary lists the paper's claims and what decides them.
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/sync_study.png` (one column per sync
 setting: training reward on top, held-out reward below, one line per algorithm) and
 `<out>/summary.md` (tables of held-out and training reward and KL; also printed).
