@@ -17,10 +17,9 @@ Options: --steps N, --seed S, --seeds N (seeds per run, one vmapped program; tab
 mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
 overrides (as `rl_jax.train`).
 
-Time: the committed results (experiments/results/sync_study/: 4 of the 6 algorithms, 3 seeds,
-200 steps, `--algorithms reinforce,grpo,rec-oneside-nois,rec-oneside-nois-wide`) took 42 minutes
-on this 2-core CPU (2523 s, 2026-12-02, nearly idle): ~0.75 s per 3-seed step. All 24 runs at 3
-seeds and 400 steps would take about 4 hours.
+Time: the committed results (experiments/results/sync_study/: all 24 runs, 3 seeds, 200 steps)
+took 63 minutes on this 2-core CPU (2026-12-02, nearly idle: 2523 s for 16 runs, then 1246 s for
+the other 8): ~0.75 s per 3-seed step, so about 2 hours at the default 400 steps.
 Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.85 held-out);
 at offset 10 REINFORCE peaks at ~0.82 and falls back (0.67 +- 0.10 at step 200) while GRPO =
 REC-OneSide-NoIS (~0.85); the (0.6, 2.0) range is fastest off-policy (0.53 at step 40 against
