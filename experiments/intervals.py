@@ -44,5 +44,7 @@ def per_seed(seed_metrics: Sequence[Sequence[Mapping]], key: str, *, step=None, 
 
 
 def describe(mean: float, half: float) -> str:
-    """'0.912 +- 0.031' (the mean alone when the width is undefined)."""
+    """'0.912 +- 0.031' (the mean alone when the width is undefined; '-' without a value)."""
+    if np.isnan(mean):
+        return "-"
     return f"{mean:.3f}" if np.isnan(half) else f"{mean:.3f} +- {half:.3f}"

@@ -179,9 +179,14 @@ def claims(outcomes) -> str:
     return "\n".join(lines)
 
 
+def parser():
+    """The command line: 400 steps and 5 seeds per algorithm unless told otherwise."""
+    return common.make_parser(__doc__, steps=400, out="runs/seed_figure", seeds=5)
+
+
 def main(argv=None) -> list[common.Outcome]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = common.make_parser(__doc__, steps=400, out="runs/seed_figure", seeds=5).parse_args(argv)
+    args = parser().parse_args(argv)
     common.enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
     run_specs = specs()

@@ -109,6 +109,18 @@ def test_seed_figure_with_seeds_reports_intervals_and_claims(tmp_path):
         assert "**supported**" in line or "**not supported**" in line, line
 
 
+def test_seed_figure_defaults_to_five_seeds_of_400_steps_and_studies_to_one():
+    args = seed_figure.parser().parse_args([])
+    assert (args.seeds, args.steps) == (5, 400)
+    assert common.make_parser("doc", steps=400, out="x").parse_args([]).seeds == 1
+    assert (
+        study.seed_cell(  # no value (evaluation off) reads '-', not 'nan'
+            common.Outcome(None, None, [[{"step": 1}]], 0.0), lambda m: float("nan")
+        )
+        == "-"
+    )
+
+
 def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"\['algorithm'\]"):
         seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])
