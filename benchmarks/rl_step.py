@@ -44,7 +44,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
-from rl_jax import algorithms, models  # noqa: E402
+from rl_jax import algorithms, host_memory, models  # noqa: E402
 from rl_jax.config import OptimizerConfig  # noqa: E402
 from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 from rl_jax.sampler import SamplerState, SamplingConfig, generate  # noqa: E402
@@ -224,4 +224,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

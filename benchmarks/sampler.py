@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rl_jax import models, sampler
+from rl_jax import host_memory, models, sampler
 from rl_jax.tokenizer import HFTokenizer
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-qwen2"
@@ -201,4 +201,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
-from rl_jax import build, parallel  # noqa: E402
+from rl_jax import build, host_memory, parallel  # noqa: E402
 from rl_jax import config as config_lib  # noqa: E402
 from rl_jax.train import HostSide, make_step  # noqa: E402
 
@@ -92,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

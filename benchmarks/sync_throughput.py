@@ -33,7 +33,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import rl_step  # noqa: E402
 
-from rl_jax import build, models, parallel  # noqa: E402
+from rl_jax import build, host_memory, models, parallel  # noqa: E402
 from rl_jax import config as config_lib  # noqa: E402
 from rl_jax.tasks import Example  # noqa: E402
 from rl_jax.tokenizer import HFTokenizer  # noqa: E402
@@ -142,4 +142,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import algorithms
+from rl_jax import algorithms, host_memory
 from rl_jax.advantages import group_advantages
 from rl_jax.losses import policy_loss
 
@@ -178,4 +178,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import sys
 
 from experiments import study
+from rl_jax import host_memory
 
 SYNCS = (
     study.Sync("on-policy (1, 0)", "sync1", 1, 0),
@@ -58,4 +59,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

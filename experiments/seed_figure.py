@@ -53,6 +53,7 @@ import time
 import numpy as np
 
 from experiments import common, intervals
+from rl_jax import host_memory
 
 ALGORITHMS = (
     ("GRPO", "grpo"),
@@ -219,4 +220,5 @@ def main(argv=None) -> list[common.Outcome]:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

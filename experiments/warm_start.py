@@ -20,7 +20,7 @@ import dataclasses
 import json
 import shutil
 
-from rl_jax import warm_start
+from rl_jax import host_memory, warm_start
 from rl_jax.tasks import ArithmeticTask
 
 
@@ -41,4 +41,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     main()

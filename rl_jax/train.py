@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, groups, guards, parallel, run_dir
+from rl_jax import build, groups, guards, host_memory, parallel, run_dir
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
@@ -365,4 +365,5 @@ def _report(error: Exception) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     sys.exit(main())
