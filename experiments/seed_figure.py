@@ -25,10 +25,11 @@ reached 0.94 by step 80 and responses grew; now GRPO's mean held-out reward reac
 final gain at step 160 and still rises over steps 200-400, responses shorten as capped rambles
 give way to worked chains, entropy falls and KL to the initial policy rises gradually.
 
-Time: 26 min (1568 s, 2026-12-02, a nearly idle 2-core AMD EPYC, warm start retrained in it:
-~40 s): 468-488 s of sampling and learning per algorithm, ~1.2 s per step of 5 x 64 responses.
-The target of 20 min is not met (BENCHMARKS.md, "Many seeds in one program"); `--seeds 1` takes
-about a fifth of it (one seed: ~0.25 s per step).
+Time: 21.3 min (1276 s, 2026-12-02, a nearly idle 2-core AMD EPYC, warm start cached): 381-419 s
+of sampling and learning per algorithm, ~1.0 s per step of 5 x 64 responses; 26 min (1568 s)
+before the entry points backed XLA:CPU's temporaries with huge pages (`rl_jax.host_memory`),
+with bit-identical results. The target of 20 min is not met (BENCHMARKS.md, "Many seeds in one
+program"); `--seeds 1` takes about a fifth of it (one seed: ~0.2 s per step).
 Expected (5 seeds, measured 2026-12-02; experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
 0.739 / 0.844 / 0.877, RED-Weight 0.759 / 0.812 / 0.873 (+- 0.02-0.04); response length 20.9 ->
