@@ -66,7 +66,7 @@ def reexec_with_huge_pages() -> None:
     """Re-execute this process's command with `glibc.malloc.hugetlb=1` when that helps (see the
     module docstring); otherwise return. Call it before any work: the process is replaced."""
     env = huge_pages_env()
-    if env is None:
+    if env is None or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
