@@ -32,8 +32,14 @@ def test_not_linux_or_old_glibc(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert host_memory.huge_pages_env({}, thp_mode="madvise") is None
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.31"))
-    assert host_memory.huge_pages_env({}, thp_mode="madvise") is None
+    for libc, gains in (
+        (("glibc", "2.31"), False),
+        (("glibc", "2.35"), True),
+        (("musl", "1.2"), False),
+    ):
+        monkeypatch.setattr(host_memory.platform, "libc_ver", lambda libc=libc: libc)
+        env = host_memory.huge_pages_env({}, thp_mode="madvise")
+        assert env == ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if gains else None), libc
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
