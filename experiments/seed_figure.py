@@ -39,6 +39,11 @@ The intervals support GRPO ~ REC-OneSide-NoIS (training-reward difference over t
 the lowest KL (all 0.092), REC-OneSide-NoIS the lowest entropy (equal to GRPO's; both below
 RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.011 +- 0.024 and
 -0.025 +- 0.025 tokens).
+Across hosts the numbers are not identical: XLA:CPU's float results differ between machines (of
+the same CPU model, too), so a fresh machine trains a slightly different warm start. One such
+run (2026-12-02, results/seed_figure/summary_second_host.md; 1627 s on that host) started at
+0.186 and ended at 0.938 / 0.931 / 0.920 with the same verdicts except "improving in both
+halves", whose second-half intervals held 0 there.
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
