@@ -39,8 +39,9 @@ The intervals support GRPO ~ REC-OneSide-NoIS (training-reward difference over t
 the lowest KL (all 0.092), REC-OneSide-NoIS the lowest entropy (equal to GRPO's; both below
 RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.011 +- 0.024 and
 -0.025 +- 0.025 tokens).
-Across hosts the numbers are not identical: XLA:CPU's float results differ between machines (of
-the same CPU model, too), so a fresh machine trains a slightly different warm start. One such
+Across hosts the numbers are not identical: a fresh machine of the same CPU model, with the same
+code and jax/flax/optax versions, trained a slightly different warm start (cause not isolated;
+BENCHMARKS.md, "Many seeds in one program"). One such
 run (2026-12-02, results/seed_figure/summary_second_host.md; 1627 s on that host) started at
 0.186 and ended at 0.938 / 0.931 / 0.920 with the same verdicts except "improving in both
 halves", whose second-half intervals held 0 there.
