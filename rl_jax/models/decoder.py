@@ -91,7 +91,13 @@ class MemoryOptions:
 
 
 class Dense(nnx.Module):
-    """y = x W (+ b) with W `[in, out]` stored in param_dtype and applied in `dtype`."""
+    """y = x W (+ b) with W `[in, out]` stored in param_dtype and applied in `dtype`.
+
+    The product runs on x flattened to `[rows, in]`, so the weight gradient x^T dy is a 2-D
+    contraction over rows: XLA:CPU runs it without the transposing copy of dy it inserts for a
+    contraction over `[batch, seq]`, ~10-15% of an update on the reference workload
+    (BENCHMARKS.md, "Where the learner update's time goes"). The forward is the same product.
+    """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, config: ModelConfig, rngs):
         pdtype = jnp.dtype(config.param_dtype)
@@ -100,7 +106,8 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), pdtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = (rows @ self.kernel[...].astype(self.dtype)).reshape(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
         return y
