@@ -25,12 +25,13 @@ reached 0.94 by step 80 and responses grew; now GRPO's mean held-out reward reac
 final gain at step 160 and still rises over steps 200-400, responses shorten as capped rambles
 give way to worked chains, entropy falls and KL to the initial policy rises gradually.
 
-Time: 21.3 min (1276 s, 2026-12-02, a nearly idle 2-core AMD EPYC, warm start cached): 381-419 s
-of sampling and learning per algorithm, ~1.0 s per step of 5 x 64 responses; 26 min (1568 s)
-before the entry points backed XLA:CPU's temporaries with huge pages (`rl_jax.host_memory`),
-with bit-identical results. The target of 20 min is not met (BENCHMARKS.md, "Many seeds in one
-program"); `--seeds 1` takes about a fifth of it (one seed: ~0.2 s per step).
-Expected (5 seeds, measured 2026-12-02; experiments/results/seed_figure/summary.md): held-out
+Time (warm start cached, a nearly idle 2-core AMD EPYC; BENCHMARKS.md, "Many seeds in one
+program"): 1276 s on 2026-12-02 on the first host (381-419 s of sampling and learning per
+algorithm, ~1.0 s per step of 5 x 64 responses); 1627 s and 1857 s (~1.4 s per step) on a
+second, slower host of the same model, whose speed drifts by 15-20% within an hour. The target
+of 20 min is not met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
+Expected (5 seeds, first host, code before commit a11dde4;
+experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
 0.739 / 0.844 / 0.877, RED-Weight 0.759 / 0.812 / 0.873 (+- 0.02-0.04); response length 20.9 ->
 16.4 tokens, entropy 0.62 -> 0.07 nats/token (RED-Weight 0.08), KL (k2) 0 -> 0.09 for all three.
@@ -39,12 +40,12 @@ The intervals support GRPO ~ REC-OneSide-NoIS (training-reward difference over t
 the lowest KL (all 0.092), REC-OneSide-NoIS the lowest entropy (equal to GRPO's; both below
 RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.011 +- 0.024 and
 -0.025 +- 0.025 tokens).
-Across hosts the numbers are not identical: a fresh machine of the same CPU model, with the same
-code and jax/flax/optax versions, trained a slightly different warm start (cause not isolated;
-BENCHMARKS.md, "Many seeds in one program"). One such
-run (2026-12-02, results/seed_figure/summary_second_host.md; 1627 s on that host) started at
-0.186 and ended at 0.938 / 0.931 / 0.920 with the same verdicts except "improving in both
-halves", whose second-half intervals held 0 there.
+Reruns on one host are bit-identical; across hosts, and across commit a11dde4 (which changed the
+gradients' rounding), they are not. On the second host: before a11dde4 the runs started at 0.186
+and ended at 0.938 / 0.931 / 0.920, "improving in both halves" not supported (second-half
+intervals held 0); at a11dde4 (results/seed_figure/summary_second_host.md, 1857 s) they started
+at 0.178 and ended at 0.883 / 0.880 / 0.867, with "improving in both halves" supported and
+"RED-Weight lowest KL" supported by a tie-sized 0.001 +- 0.001; the other verdicts never changed.
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
