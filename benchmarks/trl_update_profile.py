@@ -9,8 +9,9 @@ the steps after `--warmup`, only the update: from the moment `_generate_and_scor
 returns (generation, rewards and advantages done) to the end of the optimizer step, i.e. the
 forward, the log-probs, the loss, the backward, gradient clipping and AdamW. Operator self times
 (`torch.profiler`, CPU, summed per operator over the profiled steps and divided by their number)
-are grouped into the categories of BENCHMARKS.md's rl_jax breakdown, printed as a table, and
-written as one `RESULT_JSON {...}` line. torch runs each operator on the calling thread with its
+are grouped into `CATEGORIES` (set to compare with BENCHMARKS.md's rl_jax breakdown), printed as
+a table, and written as one `RESULT_JSON {...}` line. The `GRPOConfig` restates
+`trl_grpo_bench.py`'s, which builds its config inside its `main` and cannot be imported. torch runs each operator on the calling thread with its
 intra-op threads inside it, so self times add up to wall time (unlike XLA:CPU's per-thread op
 times). It needs torch, transformers and TRL: run it with the TRL venv of
 `../shared/peers/setup_trl.sh`, not with rl_jax's environment.
@@ -30,25 +31,25 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Operator name (or prefix) -> category, checked in order; the rest is "other".
-CATEGORIES = (
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
-    (
-        "log-softmax / entropy",
-        (
+# Category -> (exact operator names, name prefixes); an in-place variant ("aten::add_") counts as
+# its operator; whatever matches none is "elementwise / other".
+CATEGORIES = {
+    "matmul": ({"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}, ()),
+    "attention": (set(), ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    "log-probs / entropy": (
+        {
             "aten::_log_softmax",
             "aten::log_softmax",
             "aten::logsumexp",
             "aten::_softmax",
-            "aten::gather",
             "aten::softmax",
-        ),
+            "aten::gather",
+        },
+        ("ChunkedLogProb",),  # TRL's chunked log-prob autograd function
     ),  # fmt: skip
-    (
-        "copies / layout",
-        (
-            "aten::copy_",
+    "copies / layout": (
+        {
+            "aten::copy",
             "aten::clone",
             "aten::contiguous",
             "aten::cat",
@@ -56,25 +57,22 @@ CATEGORIES = (
             "aten::transpose",
             "aten::to",
             "aten::_to_copy",
-        ),
+        },
+        (),
     ),  # fmt: skip
-    (
-        "optimizer (AdamW, clipping)",
-        (
-            "aten::_foreach",
-            "Optimizer.",
-            "aten::_fused_adam",
-            "aten::norm",
-            "aten::linalg_vector_norm",
-        ),
+    "optimizer (AdamW, clipping)": (
+        {"aten::_fused_adamw", "aten::_fused_adam", "aten::norm", "aten::linalg_vector_norm"},
+        ("aten::_foreach", "Optimizer."),
     ),  # fmt: skip
-    ("backward bookkeeping", ("autograd::", "torch::autograd")),
-)
+    "backward bookkeeping": (set(), ("autograd::", "torch::autograd")),
+}
 
 
 def category(name: str) -> str:
-    for label, prefixes in CATEGORIES:
-        if name.startswith(prefixes):
+    """The `CATEGORIES` label of a profiler event name."""
+    base = name.rstrip("_")
+    for label, (names, prefixes) in CATEGORIES.items():
+        if base in names or name.startswith(prefixes):
             return label
     return "elementwise / other"
 
