@@ -4,13 +4,15 @@
     python benchmarks/seeds.py --seeds 1 5 --steps 12
 
 For each seed count N, the embedded default (warm-started tiny policy, 8 prompts x 8
-responses; 16 x 8 before 2026-12-02, GRPO, sync_interval 1) runs `--steps` steps of
-`rl_jax.train.HostSide.step` with `num_seeds = N`: one vmapped sample, the host reward of all N batches, one vmapped learn. The
-median over the steps after the first (which compiles) is reported with its sample / learn
-split, the time per seed-step, the ratio to one seed, and the useful FLOP rate of the whole step
-(`peak.sequence_flops` at the batch's mean response length, times N) as a share of the matmul
-peak measured in the same run. The 1-minute load average is recorded around each N; a line
-`RESULT_JSON {...}` ends the output.
+responses, GRPO, sync_interval 1) runs `--steps` steps of `rl_jax.train.HostSide.step` with
+`num_seeds = N`: one compiled sample, the host reward of all N batches, one compiled learn. With
+N > 1 it does so twice in the same process, steps alternating between the two: the runs one at a
+time inside the program (`runs_per_batch = 1`, the default) and all N vmapped together
+(`runs_per_batch = N`). The median over the steps after the first (which compiles) is reported
+with its sample / learn split, the time per seed-step, the ratio to one seed, and the useful FLOP
+rate of the whole step (`peak.sequence_flops` at the batch's mean response length, times N) as a
+share of the matmul peak measured in the same run. The 1-minute load average is recorded around
+each N; a line `RESULT_JSON {...}` ends the output.
 """
 
 from __future__ import annotations
@@ -32,39 +34,56 @@ from rl_jax import config as config_lib  # noqa: E402
 from rl_jax.train import HostSide, make_step  # noqa: E402
 
 
-def measure(num_seeds: int, steps: int, out: pathlib.Path) -> dict:
+def _host(num_seeds: int, runs_per_batch: int, steps: int, out: pathlib.Path):
     config = config_lib.build(
-        "embedded", num_seeds=num_seeds, steps=steps, eval_every=0, checkpoint_every=0,
-        out_dir=str(out),
+        "embedded", num_seeds=num_seeds, runs_per_batch=runs_per_batch, steps=steps,
+        eval_every=0, checkpoint_every=0, out_dir=str(out),
     )  # fmt: skip
     run = build.build_run(config)
     mesh = parallel.make_mesh(config.fsdp)
     host = HostSide(config, run, make_step(config, run, mesh), mesh)
-    state = host.step_fn.init(run.params, [single.seed for single in config.runs()])
+    return host, host.step_fn.init(run.params, [single.seed for single in config.runs()])
+
+
+def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
+    """One result per runs_per_batch setting (1, and N for N > 1), their steps alternating."""
+    settings = sorted({1, num_seeds})
+    hosts = {b: _host(num_seeds, b, steps, out / f"batch_{b}") for b in settings}
+    record = {b: {"times": [], "sample": [], "learn": [], "length": []} for b in settings}
     load_before = os.getloadavg()[0]
-    times, samples, learns, lengths = [], [], [], []
     for step in range(1, steps + 1):
-        start = time.perf_counter()
-        state, metrics = host.step(state, step)
-        times.append(time.perf_counter() - start)
-        samples.append(metrics[0]["time/sample"])
-        learns.append(metrics[0]["time/learn"])
-        lengths.append(statistics.mean(m["response_length/mean"] for m in metrics))
-    rows = config.prompts_per_step * config.group_size
-    flops = peak.sequence_flops(
-        run.model_config, rows, run.task.max_prompt_len, round(statistics.mean(lengths[1:]))
-    )
-    median = statistics.median(times[1:])
-    return {
-        "seeds": num_seeds,
-        "step_s": round(median, 4),
-        "sample_s": round(statistics.median(samples[1:]), 4),
-        "learn_s": round(statistics.median(learns[1:]), 4),
-        "step_s_range": [round(min(times[1:]), 4), round(max(times[1:]), 4)],
-        "first_step_s": round(times[0], 2),
-        "gflops_per_s": round(num_seeds * (flops["sample"] + flops["train"]) / median / 1e9, 2),
-        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
+        for b in settings:
+            host, state = hosts[b]
+            start = time.perf_counter()
+            state, metrics = host.step(state, step)
+            hosts[b] = (host, state)
+            r = record[b]
+            r["times"].append(time.perf_counter() - start)
+            r["sample"].append(metrics[0]["time/sample"])
+            r["learn"].append(metrics[0]["time/learn"])
+            r["length"].append(statistics.mean(m["response_length/mean"] for m in metrics))
+    load_after = os.getloadavg()[0]
+    results = []
+    for b in settings:
+        host, r = hosts[b][0], record[b]
+        config = host.config
+        flops = peak.sequence_flops(
+            host.run.model_config, config.prompts_per_step * config.group_size,
+            host.run.task.max_prompt_len, round(statistics.mean(r["length"][1:])),
+        )  # fmt: skip
+        median = statistics.median(r["times"][1:])
+        results.append({
+            "seeds": num_seeds,
+            "runs_per_batch": b,
+            "step_s": round(median, 4),
+            "sample_s": round(statistics.median(r["sample"][1:]), 4),
+            "learn_s": round(statistics.median(r["learn"][1:]), 4),
+            "step_s_range": [round(min(r["times"][1:]), 4), round(max(r["times"][1:]), 4)],
+            "first_step_s": round(r["times"][0], 2),
+            "gflops_per_s": round(num_seeds * (flops["sample"] + flops["train"]) / median / 1e9, 2),
+            "loadavg_1m": [round(load_before, 2), round(load_after, 2)],
+        })  # fmt: skip
+    return results
 
 
 def main() -> None:
@@ -72,21 +91,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
+    if min(args.seeds) < 1 or args.steps < 2:
+        parser.error("--seeds must be >= 1 and --steps >= 2 (the first step compiles)")
     matmul = peak.measure_peak()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.seeds:
-            result = measure(n, args.steps, pathlib.Path(tmp) / f"seeds_{n}")
-            result["peak_share"] = round(result["gflops_per_s"] / matmul["peak_gflops"], 3)
-            results.append(result)
-    base = results[0]["step_s"] / results[0]["seeds"]
+            for result in measure(n, args.steps, pathlib.Path(tmp) / f"seeds_{n}"):
+                result["peak_share"] = round(result["gflops_per_s"] / matmul["peak_gflops"], 3)
+                results.append(result)
+    one = [r for r in results if r["seeds"] == 1]
+    base = one[0]["step_s"] if one else None
     print(f"matmul peak {matmul['peak_gflops']:.1f} GFLOP/s (load {matmul['loadavg_1m']})")
-    print("seeds  step s  (sample + learn)  per seed-step s  x one seed  GFLOP/s  peak share")
+    print("seeds  runs/batch  step s  (sample + learn)  per seed-step s  x one seed  GFLOP/s"
+          "  peak share")  # fmt: skip
     for r in results:
+        ratio = f"{r['step_s'] / base:10.2f}" if base else f"{'-':>10}"
         print(
-            f"{r['seeds']:5d}  {r['step_s']:6.3f}  ({r['sample_s']:.3f} + {r['learn_s']:.3f})"
-            f"  {r['step_s'] / r['seeds']:15.3f}  {r['step_s'] / base:10.2f}"
-            f"  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}   load {r['loadavg_1m']}"
+            f"{r['seeds']:5d}  {r['runs_per_batch']:10d}  {r['step_s']:6.3f}"
+            f"  ({r['sample_s']:.3f} + {r['learn_s']:.3f})  {r['step_s'] / r['seeds']:15.3f}"
+            f"  {ratio}  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}"
+            f"   load {r['loadavg_1m']}"
         )
     print("RESULT_JSON " + json.dumps({"peak": matmul, "runs": results}))
 

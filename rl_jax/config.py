@@ -69,8 +69,13 @@ class TrainConfig:
     learning_rate ... grad_clip: AdamW (see `OptimizerConfig`).
     micro_batches: gradient-accumulation pieces per update.
     steps: learner updates; sync_interval, sync_offset: DESIGN.md §4.
-    seed, num_seeds: trains seeds seed .. seed + num_seeds - 1 as one vmapped program; with
+    seed, num_seeds: trains seeds seed .. seed + num_seeds - 1 as one compiled program; with
       num_seeds > 1 each run writes to out_dir/seed_<s>/ and equals a single run of that seed.
+    runs_per_batch: how many of those runs one vmapped computation holds; the program loops
+      over num_seeds / runs_per_batch such batches (which it must divide). 1 (the default): the
+      runs go one after another inside the program, the fastest way on a CPU, where batching
+      the tiny policy's matmuls over runs only pushes them out of the caches (BENCHMARKS.md,
+      "Many seeds in one program"); num_seeds: all at once, for an accelerator.
     eval_every, eval_prompts: held-out evaluation of the learner (0 disables).
     checkpoint_every, keep_checkpoints: orbax checkpoints (resumed automatically).
     ref_metrics: log KL to the initial policy (one extra forward pass per step).
@@ -111,6 +116,7 @@ class TrainConfig:
     sync_offset: int = 0
     seed: int = 0
     num_seeds: int = 1
+    runs_per_batch: int = 1
     eval_every: int = 20
     eval_prompts: int = 128
     checkpoint_every: int = 100
@@ -143,6 +149,7 @@ class TrainConfig:
             "micro_batches",
             "fsdp",
             "num_seeds",
+            "runs_per_batch",
         )
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -155,6 +162,12 @@ class TrainConfig:
             raise ValueError(
                 f"seed must be an integer in [0, {MAX_SEED}] (the last of num_seeds too), "
                 f"got {self.seed}"
+            )
+        if self.num_seeds % self.runs_per_batch:
+            raise ValueError(
+                f"runs_per_batch must divide num_seeds = {self.num_seeds} (one of "
+                f"{[d for d in range(1, self.num_seeds + 1) if self.num_seeds % d == 0]}), "
+                f"got {self.runs_per_batch}"
             )
         if not self.window_cap_gib >= 0:
             raise ValueError(
@@ -216,8 +229,12 @@ class TrainConfig:
             return (self,)
         return tuple(
             dataclasses.replace(
-                self, seed=s, num_seeds=1, out_dir=str(pathlib.Path(self.out_dir) / f"seed_{s}")
-            )
+                self,
+                seed=s,
+                num_seeds=1,
+                runs_per_batch=1,
+                out_dir=str(pathlib.Path(self.out_dir) / f"seed_{s}"),
+            )  # fmt: skip
             for s in range(self.seed, self.seed + self.num_seeds)
         )
 

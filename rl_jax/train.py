@@ -6,7 +6,7 @@ The step itself is `rl_jax.step` (a `RunState` through a jitted `sample` and a j
 the sync schedule applied inside them). This module is the host side around it: prompts in,
 token ids out to the task's reward, rewards back in, metrics read once per step and logged,
 held-out evaluations, checkpoints and resume. `num_seeds` runs go through the same step as one
-vmapped program; each writes its own metrics, TensorBoard events and checkpoints.
+compiled program; each writes its own metrics, TensorBoard events and checkpoints.
 
 Everything random at step k derives from (seed, k), so a run killed and restarted from its last
 checkpoint continues exactly as if it had never stopped.
@@ -72,7 +72,9 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         memory=config.memory_options(),
         logprob_chunk=config.logprob_chunk,
     )
-    return Step(learner, sampling, config.sync_schedule(), config.group_size, mesh)
+    return Step(
+        learner, sampling, config.sync_schedule(), config.group_size, mesh, config.runs_per_batch
+    )
 
 
 def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:

@@ -200,6 +200,7 @@ def test_non_finite_update_stops_before_it_is_applied_or_saved(tmp_path, capsys)
             "seed must be an integer in [0, 4294967295] (the last of num_seeds too), got -1",
         ),
         (f"fsdp={jax.device_count() + 2}", "fsdp must be a divisor of the device count"),
+        ("runs_per_batch=2", "runs_per_batch must divide num_seeds = 1 (one of [1]), got 2"),
         ("temperature=NaN", "temperature must be a finite number, got nan"),
         ("algorithm=nonsense", "algorithm must be one of ['reinforce', 'grpo'"),
     ],
