@@ -45,7 +45,7 @@ from flax import nnx  # noqa: E402
 from rl_jax import algorithms, parallel, sampler  # noqa: E402
 from rl_jax.learner import Learner, TrainBatch, state_shardings  # noqa: E402
 from rl_jax.models import Decoder, MemoryOptions, config_names, get_config  # noqa: E402
-from rl_jax.models.decoder import ATTENTION, REMAT_POLICIES  # noqa: E402
+from rl_jax.models.memory import ATTENTION, REMAT_POLICIES  # noqa: E402
 
 GiB = 2**30
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ((?:\w+)\[[\d,]*\])")

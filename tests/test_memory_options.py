@@ -12,6 +12,7 @@ from rl_jax import algorithms, config, logprobs, losses, models
 from rl_jax.learner import Learner, float32_moments, make_optimizer, state_shardings
 from rl_jax.models import MemoryOptions
 from rl_jax.models.attention import attend, attend_chunked, attend_dot_product
+from rl_jax.models.memory import LOOP_MAX_LAYERS
 from tests.test_learner import VOCAB, G, make_batch, response_logits
 
 RTOL = 1e-5
@@ -145,6 +146,37 @@ def test_learner_options_equal_default(tiny, memory, chunk):
         assert abs(float(at_ref[name])) < 1e-9, name
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_layer_loop_equals_layer_scan_bit_for_bit(tiny, remat):
+    """The tiny model's layers as a Python loop (the default up to LOOP_MAX_LAYERS) and as a
+    `lax.scan`: the same loss, metrics and gradients, bit for bit."""
+    graphdef, params, ref_params = tiny
+    results = [
+        _loss_and_grads(
+            Learner(
+                graphdef,
+                algorithms.get("grpo"),
+                group_size=G,
+                memory=MemoryOptions(remat=remat, scan_layers=scan),
+            ),
+            params,
+            ref_params,
+        )  # fmt: skip
+        for scan in (False, True)
+    ]
+    (loss, metrics, grads), (scan_loss, scan_metrics, scan_grads) = results
+    assert float(loss) == float(scan_loss)
+    assert {k: float(v) for k, v in metrics.items()} == {
+        k: float(v) for k, v in scan_metrics.items()
+    }
+    for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads), strict=True):
+        np.testing.assert_array_equal(g, want)
+    assert not MemoryOptions().scans(LOOP_MAX_LAYERS) and MemoryOptions().scans(LOOP_MAX_LAYERS + 1)
+    assert MemoryOptions(scan_layers=True).scans(2) and not MemoryOptions(scan_layers=False).scans(
+        28
+    )
+
+
 def test_bfloat16_steps_finite_with_float32_moments(tiny):
     graphdef, _, _ = tiny
     bf16 = dataclasses.replace(
@@ -182,6 +214,8 @@ def test_bad_values_fail_before_compiling():
         MemoryOptions(attention="flash")
     with pytest.raises(ValueError, match="attention_chunk"):
         MemoryOptions(attention="chunked", attention_chunk=0)
+    with pytest.raises(ValueError, match="scan_layers must be True, False or None"):
+        MemoryOptions(scan_layers="yes")
     with pytest.raises(ValueError, match="logprob_chunk"):
         Learner(None, algorithms.get("grpo"), logprob_chunk=-2)
     for field, value in [

@@ -4,7 +4,6 @@ from rl_jax.models.config import Llama3RopeScaling, ModelConfig, config_names, g
 from rl_jax.models.decoder import (
     Decoder,
     KVCache,
-    MemoryOptions,
     decode,
     default_positions,
     forward,
@@ -13,6 +12,7 @@ from rl_jax.models.decoder import (
     init_model,
 )
 from rl_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint
+from rl_jax.models.memory import MemoryOptions
 
 __all__ = [
     "Decoder",

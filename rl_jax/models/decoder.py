@@ -6,8 +6,9 @@
     logits = RMSNorm(h_L) · W_head   (W_head = E^T when embeddings are tied)
 
 Layers are stacked on a leading axis. A full forward runs them with `lax.scan` (one compiled
-layer body for any depth); a cached decode runs them unrolled, each against its own cache buffer
-(`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
+layer body for any depth) or, for shallow models, a Python loop over the stack
+(`MemoryOptions.scan_layers`); a cached decode runs them unrolled, each against its own cache
+buffer (`KVCache`), which keeps the per-token step free of cache copies. Attention is grouped-query
 (num_kv_heads divides num_heads) with an optional q/k/v bias (Qwen2); its kernels live in
 `rl_jax.models.attention`. Masked scores take a large finite negative value, so rows with
 nothing to attend to (left padding) stay finite.
@@ -18,7 +19,6 @@ attention implementation) for differentiated forwards at scale.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -27,15 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rl_jax.models.attention import (
-    apply_rope,
-    attend,
-    attend_cache,
-    attend_chunked,
-    attend_dot_product,
-    rope_inv_freq,
-)
+from rl_jax.models.attention import apply_rope, attend_cache, rope_inv_freq
 from rl_jax.models.config import ModelConfig
+from rl_jax.models.memory import REMAT_POLICIES, MemoryOptions
 
 _INIT_STD = 0.02
 
@@ -50,44 +44,6 @@ class KVCache(NamedTuple):
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
-
-
-ATTENTION = ("xla", "chunked", "dot_product")
-# Recomputation of each decoder layer in the backward pass (`jax.checkpoint` policies).
-REMAT_POLICIES = {
-    "none": None,  # keep every layer's intermediates
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "save-dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryOptions:
-    """How a differentiated forward trades compute for memory (hashable: static under jit).
-
-    remat: a `REMAT_POLICIES` name. attention: `xla` (`attend`, exact), `chunked`
-    (`attend_chunked` with `attention_chunk` queries per block) or `dot_product`
-    (`attend_dot_product`).
-    """
-
-    remat: str = "none"
-    attention: str = "xla"
-    attention_chunk: int = 256
-
-    def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
-        if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
-            raise ValueError(f"attention_chunk must be an int >= 1, got {self.attention_chunk!r}")
-
-    def attend(self, q, k, v, allowed) -> jax.Array:
-        if self.attention == "chunked":
-            return attend_chunked(q, k, v, allowed, self.attention_chunk)
-        if self.attention == "dot_product":
-            return attend_dot_product(q, k, v, allowed)
-        return attend(q, k, v, allowed)
 
 
 class Dense(nnx.Module):
@@ -248,7 +204,12 @@ class Decoder(nnx.Module):
         policy = REMAT_POLICIES[memory.remat]
         if memory.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(layer, self._embed(tokens), layer_params)
+        x = self._embed(tokens)
+        if memory.scans(self.config.num_layers):
+            x, _ = jax.lax.scan(layer, x, layer_params)
+        else:
+            for i in range(self.config.num_layers):
+                x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], layer_params))
         return self.final_norm(x)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
