@@ -13,7 +13,7 @@ Run (embedded default, CPU):
 Real setup (a TPU/GPU host):
     python -m experiments.red_study --config gsm8k-qwen2.5-1.5b --out runs/red_study_gsm8k \
         eval_prompts=256
-Options: --steps N, --seed S, --seeds N (seeds per run, one vmapped program; tables then give
+Options: --steps N, --seed S, --seeds N (seeds per run, one compiled program; tables then give
 mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
 overrides (as `rl_jax.train`).
 

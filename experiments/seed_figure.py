@@ -11,7 +11,7 @@ Real setup (GSM8K + a Hugging Face Qwen2.5 directory, a TPU/GPU host):
     python -m experiments.seed_figure --config gsm8k-qwen2.5-1.5b --out runs/seed_figure_gsm8k \
         --seeds 1 eval_prompts=256 [task_options.data_dir=data/gsm8k model=checkpoints/...]
 Options: --steps N, --seed S, --seeds N (default 5: seeds S .. S+4 of each algorithm trained as
-one vmapped program), --out DIR, key=value TrainConfig overrides (as `rl_jax.train`). With
+one compiled program), --out DIR, key=value TrainConfig overrides (as `rl_jax.train`). With
 --seeds N > 1 the figure draws the mean over seeds with a 95% band, and the summary gives mean
 +- 95% t-interval at steps 100, 200, the last step and over the last 50 steps, and one line per
 claim of the paper's figure (GRPO ~ REC-OneSide-NoIS in reward; RED-Weight lowest KL;
@@ -28,8 +28,9 @@ give way to worked chains, entropy falls and KL to the initial policy rises grad
 Time (warm start cached, a nearly idle 2-core AMD EPYC; BENCHMARKS.md, "Many seeds in one
 program"): 1276 s on 2026-12-02 on the first host (381-419 s of sampling and learning per
 algorithm, ~1.0 s per step of 5 x 64 responses); 1627 s and 1857 s (~1.4 s per step) on a
-second, slower host of the same model, whose speed drifts by 15-20% within an hour. The target
-of 20 min is not met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
+second, slower host of the same model, whose speed drifts by 15-20% within an hour; 1512 s on a
+third (431-489 s per algorithm) with the seeds run one at a time and the layers as a loop
+(commits 3b621fb, 6016bf5). The target of 20 min is not met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
 Expected (5 seeds, first host, code before commit a11dde4;
 experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
@@ -43,9 +44,11 @@ RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.01
 Reruns on one host are bit-identical; across hosts, and across commit a11dde4 (which changed the
 gradients' rounding), they are not. On the second host: before a11dde4 the runs started at 0.186
 and ended at 0.938 / 0.931 / 0.920, "improving in both halves" not supported (second-half
-intervals held 0); at a11dde4 (results/seed_figure/summary_second_host.md, 1857 s) they started
+intervals held 0); at a11dde4 (1857 s; its summary is in git, commit 6016bf5) they started
 at 0.178 and ended at 0.883 / 0.880 / 0.867, with "improving in both halves" supported and
 "RED-Weight lowest KL" supported by a tie-sized 0.001 +- 0.001; the other verdicts never changed.
+The third host trained the same warm start (0.178) and, at 6016bf5, ended at 0.881 / 0.880 / 0.867
+with the same verdicts (results/seed_figure/summary_third_host.md).
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
