@@ -48,7 +48,8 @@ intervals held 0); at a11dde4 (1857 s; its summary is in git, commit 6016bf5) th
 at 0.178 and ended at 0.883 / 0.880 / 0.867, with "improving in both halves" supported and
 "RED-Weight lowest KL" supported by a tie-sized 0.001 +- 0.001; the other verdicts never changed.
 The third host trained the same warm start (0.178) and, at 6016bf5, ended at 0.881 / 0.880 / 0.867
-with the same verdicts (results/seed_figure/summary_third_host.md).
+with the same verdicts (results/seed_figure/summary_third_host.md); the RoPE change after it
+moves the last bits again (not rerun).
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
