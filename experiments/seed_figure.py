@@ -30,7 +30,8 @@ program"): 1276 s on 2026-12-02 on the first host (381-419 s of sampling and lea
 algorithm, ~1.0 s per step of 5 x 64 responses); 1627 s and 1857 s (~1.4 s per step) on a
 second, slower host of the same model, whose speed drifts by 15-20% within an hour; 1512 s on a
 third (431-489 s per algorithm) with the seeds run one at a time and the layers as a loop
-(commits 3b621fb, 6016bf5). The target of 20 min is not met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
+(commits 3b621fb, 6016bf5), 1487 s there with the RoPE change too. The target of 20 min is not
+met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
 Expected (5 seeds, first host, code before commit a11dde4;
 experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
@@ -48,8 +49,9 @@ intervals held 0); at a11dde4 (1857 s; its summary is in git, commit 6016bf5) th
 at 0.178 and ended at 0.883 / 0.880 / 0.867, with "improving in both halves" supported and
 "RED-Weight lowest KL" supported by a tie-sized 0.001 +- 0.001; the other verdicts never changed.
 The third host trained the same warm start (0.178) and, at 6016bf5, ended at 0.881 / 0.880 / 0.867
-with the same verdicts (results/seed_figure/summary_third_host.md); the RoPE change after it
-moves the last bits again (not rerun).
+with the same verdicts. With the RoPE change after it (cc3f1ec; 1487 s) the warm start moved
+too (0.184) and the runs ended at 0.912 / 0.914 / 0.905, "improving in both halves" and
+"RED-Weight lowest KL" not supported (results/seed_figure/summary_third_host.md).
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving
