@@ -157,9 +157,9 @@ class Step:
 
         `runs_per_batch` runs are vmapped together (axis name `RUNS`) and the batches run one
         after another (`lax.map`); with one batch it is a plain vmap. On XLA:CPU the embedded
-        default's learn and sample run 1.4x and 1.16x faster for 5 runs one at a time than
-        vmapped (BENCHMARKS.md, "Many seeds in one program"): batching tiny matmuls over runs
-        gains nothing there, and the batch's intermediates fall out of the caches.
+        default's 5-seed learn runs 1.2-1.3x faster one run at a time than vmapped, its whole
+        step ~1.1-1.2x (BENCHMARKS.md, "Many seeds in one program"): batching tiny matmuls over
+        runs gains nothing there, and the batch's intermediates fall out of the caches.
         """
         num_runs = jax.tree.leaves(runs)[0].shape[0]
         batched = jax.vmap(fn, axis_name=RUNS)
