@@ -61,9 +61,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
         out = x * [cos, cos] + swap(x) * [-sin, sin],   swap([x1, x2]) = [x2, x1]
 
-    i.e. x1 cos - x2 sin and x2 cos + x1 sin, bit for bit. `swap` reverses a size-2 axis, which
-    XLA fuses into the elementwise loop, where splitting and concatenating the halves made XLA:CPU
-    write both out (~12% of the reference update's op time; BENCHMARKS.md).
+    i.e. x1 cos - x2 sin and x2 cos + x1 sin (the same formula; XLA may contract the products
+    and sums differently, ~1 ulp). `swap` reverses a size-2 axis, which XLA fuses into the
+    elementwise loop, where splitting and concatenating the halves made XLA:CPU write both out
+    (~12% of the reference update's op time; BENCHMARKS.md). Parity with `transformers`:
+    tests/test_hf_checkpoint.py.
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
