@@ -30,8 +30,10 @@ program"): 1276 s on 2026-12-02 on the first host (381-419 s of sampling and lea
 algorithm, ~1.0 s per step of 5 x 64 responses); 1627 s and 1857 s (~1.4 s per step) on a
 second, slower host of the same model, whose speed drifts by 15-20% within an hour; 1512 s on a
 third (431-489 s per algorithm) with the seeds run one at a time and the layers as a loop
-(commits 3b621fb, 6016bf5), 1487 s there with the RoPE change too. The target of 20 min is not
-met. `--seeds 1` takes about a fifth of it (one seed: ~0.2-0.3 s per step).
+(commits 3b621fb, 6016bf5), 1487 s there with the RoPE change too, and 899 s with the same code
+on the same host in a faster hour (21:57 UTC, matmul peak 150-180 GFLOP/s against 120-134;
+results bit for bit equal): the 20-minute target is met at that speed, not at the slower one.
+`--seeds 1` took 232 s for the three algorithms (22:37 UTC, same host).
 Expected (5 seeds, first host, code before commit a11dde4;
 experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
