@@ -25,9 +25,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import groups, guards, logprobs, losses
+from rl_jax import groups, guards, logprobs, losses, parallel
 from rl_jax.algorithms import Algorithm
 from rl_jax.config import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -183,6 +185,8 @@ class Learner:
       ref_metrics: compute the KL-to-reference metrics (one extra forward pass per update).
       memory: layer recomputation and attention implementation (`rl_jax.models.MemoryOptions`).
       logprob_chunk: response positions per block of `logprobs.token_stats` (0 = one block).
+      mesh: the devices the batch's rows are split over (`rl_jax.parallel.make_mesh`); with
+        replicated parameters the update all-reduces its gradient once (`_accumulate`).
     """
 
     graphdef: Any
@@ -194,6 +198,7 @@ class Learner:
     ref_metrics: bool = True
     memory: MemoryOptions = MemoryOptions()
     logprob_chunk: int = 0
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -245,16 +250,10 @@ class Learner:
         denominator = losses.loss_denominator(mask, self.algorithm.loss)
         num_tokens = jnp.maximum(mask.sum(), 1.0)
 
-        def micro_step(grads, micro):
-            mb, mb_adv = micro
-            (loss, (policy_metrics, sums)), g = jax.value_and_grad(self._loss, has_aux=True)(
-                state.params, mb, mb_adv, denominator, ref_params
-            )
-            return jax.tree.map(jnp.add, grads, g), (loss, policy_metrics, sums)
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
         micro = _split_micro_batches((batch, adv), self.micro_batches)
-        grads, (loss, policy_metrics, sums) = jax.lax.scan(micro_step, zeros, micro)
+        grads, (loss, policy_metrics, sums) = self._accumulate(
+            state.params, ref_params, micro, denominator
+        )
 
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -268,6 +267,46 @@ class Learner:
         # A non-finite loss or gradient leaves the state as it was; the loop stops the run.
         new_state = guards.keep_if_finite(guards.update_is_finite(metrics), new_state, state)
         return new_state, metrics
+
+    def _accumulate(self, params, ref_params, micro, denominator):
+        """Summed gradient and per-micro-batch outputs of `micro` (`[micro_batches, rows, ...]`):
+        (grads, (loss `[M]`, policy metrics `[pieces]`, metric sums `[M]`)).
+
+        Under data parallelism (`mesh` splits the rows over its devices, parameters replicated)
+        each device adds up the gradients of its own rows over every micro-batch and the devices
+        sum theirs once: one all-reduce per update instead of the one per micro-batch that XLA
+        inserts for a replicated gradient (the same sum in another order). Elsewhere (one
+        device, fsdp, rows that do not divide over the devices) XLA places the reductions.
+        """
+
+        def accumulate(params, ref_params, micro, denominator):
+            def micro_step(grads, micro):
+                mb, mb_adv = micro
+                (loss, (policy_metrics, sums)), g = jax.value_and_grad(self._loss, has_aux=True)(
+                    params, mb, mb_adv, denominator, ref_params
+                )
+                return jax.tree.map(jnp.add, grads, g), (loss, policy_metrics, sums)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            return jax.lax.scan(micro_step, zeros, micro)
+
+        mesh, rows = self.mesh, micro[1].shape[1]
+        if mesh is None or mesh.size == 1 or mesh.shape[parallel.FSDP] > 1 or rows % mesh.size:
+            return accumulate(params, ref_params, micro, denominator)
+        devices = tuple(mesh.axis_names)
+
+        def per_device(params, ref_params, micro, denominator):
+            # Varying per device, so that differentiating it adds no all-reduce to the loop.
+            params = jax.lax.pcast(params, devices, to="varying")
+            grads, (loss, policy_metrics, sums) = accumulate(params, ref_params, micro, denominator)
+            total = lambda tree: jax.lax.psum(tree, devices)
+            return total(grads), (total(loss), policy_metrics, total(sums))
+
+        whole, split = P(), P(None, devices)
+        return jax.shard_map(
+            per_device, mesh=mesh, in_specs=(whole, whole, split, whole),
+            out_specs=(whole, (whole, P(devices), whole)),
+        )(params, ref_params, micro, denominator)  # fmt: skip
 
     def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):
         hidden, head, layout = response_hidden(self.graphdef, params, batch, self.memory)

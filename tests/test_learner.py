@@ -151,25 +151,39 @@ MULTI_DEVICE = textwrap.dedent(
     import dataclasses, jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from rl_jax import algorithms, models, parallel
-    from rl_jax.learner import Learner
+    from rl_jax.learner import Learner, _jitted_update
     from tests.test_learner import G, VOCAB, make_batch
     assert jax.device_count() == 4
     config = dataclasses.replace(models.get_config("tiny"), vocab_size=VOCAB)
     graphdef, params = nnx.split(models.init_model(config, 0))
-    learner = Learner(graphdef, algorithms.get("grpo"), group_size=G, micro_batches=2)
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
+    plain = Learner(graphdef, algorithms.get("grpo"), group_size=G, micro_batches=2)
+    results, gradient_reduces = [], []
+    # One device; four as XLA places the reductions; four with the mesh: one all-reduce.
+    for devices, with_mesh in ((jax.devices()[:1], False), (jax.devices(), False), (jax.devices(), True)):
         mesh = parallel.make_mesh(devices=devices)
+        learner = dataclasses.replace(plain, mesh=mesh if with_mesh else None)
         p = jax.device_put(params, parallel.param_shardings(params, mesh))
         batch = parallel.shard_batch(jax.device_get(make_batch()), mesh)
-        state, metrics = learner.update(learner.init(jax.tree.map(jnp.copy, p)), batch, p, jax.random.key(0))
+        state = learner.init(jax.tree.map(jnp.copy, p))
+        hlo = _jitted_update.lower(learner, state, batch, p, jax.random.key(0)).compile().as_text()
+        embedding, where, found = "f32[%d,%d]" % params["embed"].shape, None, []
+        for line in hlo.splitlines():  # (computation, line) of the embedding gradient's all-reduces
+            if line and not line[0].isspace():
+                where = "entry" if line.startswith("ENTRY") else "loop"
+            elif " all-reduce(" in line and embedding in line.split("=", 1)[1].split("all-reduce(")[0]:
+                found.append(where)
+        gradient_reduces.append(found)
+        state, metrics = learner.update(state, batch, p, jax.random.key(0))
         results.append((jax.device_get(state.params), jax.device_get(metrics)))
-    (p1, m1), (p4, m4) = results
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5)
-        assert np.mean(np.abs(a - b) > 1e-7) < 0.02
-    for k in m1:
-        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # XLA all-reduces in the micro-batch loop; with the mesh, once after it.
+    assert "loop" in gradient_reduces[1] and gradient_reduces[2] == ["entry"], gradient_reduces
+    (p1, m1), *rest = results
+    for p4, m4 in rest:
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-5)
+            assert np.mean(np.abs(a - b) > 1e-7) < 0.02
+        for k in m1:
+            np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, atol=1e-6, err_msg=k)
     print("OK", len(jax.tree.leaves(p1)))
     """
 )
