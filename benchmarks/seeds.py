@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import jax
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
@@ -93,6 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.seeds) < 1 or args.steps < 2:
         parser.error("--seeds must be >= 1 and --steps >= 2 (the first step compiles)")
+    embedded = config_lib.build("embedded")
+    parallel.use_cpu_cores(embedded.prompts_per_step * embedded.group_size)
     matmul = peak.measure_peak()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +106,10 @@ def main() -> None:
                 results.append(result)
     one = [r for r in results if r["seeds"] == 1]
     base = one[0]["step_s"] if one else None
-    print(f"matmul peak {matmul['peak_gflops']:.1f} GFLOP/s (load {matmul['loadavg_1m']})")
+    print(
+        f"matmul peak {matmul['peak_gflops']:.1f} GFLOP/s (load {matmul['loadavg_1m']}), "
+        f"{jax.device_count()} device(s)"
+    )
     print("seeds  runs/batch  step s  (sample + learn)  per seed-step s  x one seed  GFLOP/s"
           "  peak share")  # fmt: skip
     for r in results:
@@ -113,7 +120,10 @@ def main() -> None:
             f"  {ratio}  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}"
             f"   load {r['loadavg_1m']}"
         )
-    print("RESULT_JSON " + json.dumps({"peak": matmul, "runs": results}))
+    print(
+        "RESULT_JSON "
+        + json.dumps({"peak": matmul, "devices": jax.device_count(), "runs": results})
+    )
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ def main() -> None:
     if any(BLOCK % k for k in args.intervals):
         parser.error(f"every interval must divide {BLOCK}")
     names = ("embedded", "reference") if args.workload == "both" else (args.workload,)
+    rows = rl_step.NUM_PROMPTS * rl_step.GROUP  # both workloads: 8 prompts x 8
+    print(f"{parallel.use_cpu_cores(rows) or 1} CPU device(s)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

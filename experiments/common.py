@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import pathlib
 import time
@@ -169,10 +170,15 @@ def build_configs(
 
 
 def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig]) -> list[Outcome]:
-    """Trains (or resumes) each run in turn and reads back its metrics.jsonl."""
-    from rl_jax import run_dir
+    """Trains (or resumes) each run in turn and reads back its metrics.jsonl; in a process where
+    JAX has not started, first one CPU device per core (`rl_jax.parallel.use_cpu_cores`)."""
+    from rl_jax import parallel, run_dir
     from rl_jax.metrics import read_metrics
     from rl_jax.train import train
+
+    parallel.use_cpu_cores(
+        math.gcd(*(c.prompts_per_step * c.group_size // c.micro_batches for c in configs))
+    )
 
     for config in configs:  # fail before the first run rather than after hours of training
         for single in config.runs():

@@ -48,6 +48,50 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+CPU_DEVICES_ENV = "RL_JAX_CPU_DEVICES"
+
+
+def cpu_device_count(rows: int, environ=None, cores: int | None = None) -> int | None:
+    """How many XLA:CPU devices `use_cpu_cores` asks for: `RL_JAX_CPU_DEVICES` if set, else the
+    largest count <= the cores this process may run on that divides `rows`; None (leave JAX's
+    default) when XLA_FLAGS sets a count or the environment describes a multi-process job."""
+    env = os.environ if environ is None else environ
+    if (
+        "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
+        or env.get("JAX_COORDINATOR_ADDRESS")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    ):
+        return None
+    wanted = env.get(CPU_DEVICES_ENV, "")
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise ValueError(f"{CPU_DEVICES_ENV} must be an integer >= 1, got {wanted!r}")
+        return int(wanted)
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(n for n in range(1, cores + 1) if rows % n == 0)
+
+
+def use_cpu_cores(rows: int) -> int | None:
+    """Before JAX starts: one XLA:CPU device per core, so that a batch's `rows` split over them.
+
+    XLA:CPU runs one device's small operations (a decode step of 64 rows, the tiny policy's
+    elementwise work) on about one core; with one device per core the rows of each device run in
+    parallel: the embedded default's sampling 1.4-2x faster on 2 cores (BENCHMARKS.md, "One
+    device per core"). `cpu_device_count` says how many; nothing changes once JAX has started or
+    where `jax_num_cpu_devices` is already set, and an accelerator's devices are not affected.
+    Returns the count set, or None.
+    """
+    count = cpu_device_count(rows)
+    if count is None or jax.config.jax_num_cpu_devices != -1:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started: its devices stay as they are
+        return None
+    return count
+
+
 def to_host(tree):
     """numpy copies of (possibly globally sharded) arrays, whole on every process."""
     if jax.process_count() == 1:

@@ -238,10 +238,14 @@ def _learn(step_fn: Step, state, window, rewards, index, step):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
+    mesh = step_fn.mesh
+    if mesh is not None and prompt_tokens.shape[0] % mesh.size:
+        mesh = None  # every device generates all of them
+
     def one(params, version, root):
         return generate_rows(
             step_fn.learner.graphdef, params, version, purpose_key(root, EVAL), prompt_tokens,
-            prompt_mask, step_fn.sampling, None, loop_axes=(RUNS,),
+            prompt_mask, step_fn.sampling, mesh, loop_axes=(RUNS,),
         )  # fmt: skip
 
     return step_fn.per_run(one, state.learner.params, state.learner.step, state.key)

@@ -71,6 +71,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         ref_metrics=config.ref_metrics,
         memory=config.memory_options(),
         logprob_chunk=config.logprob_chunk,
+        mesh=mesh,
     )
     return Step(
         learner, sampling, config.sync_schedule(), config.group_size, mesh, config.runs_per_batch
@@ -333,8 +334,13 @@ def main(argv=None) -> int:
         if args.out:
             overrides["out_dir"] = args.out
         config = config_lib.build(args.config, overrides)
+        cpu_devices = parallel.use_cpu_cores(
+            config.prompts_per_step * config.group_size // config.micro_batches
+        )
     except ValueError as err:
         return _report(err)
+    if cpu_devices and cpu_devices > 1:
+        print(f"{cpu_devices} CPU devices, one per core ({parallel.CPU_DEVICES_ENV}=1: one)")
     created = run_dir.created_root(config.out_dir)
     try:
         result = train(config)
