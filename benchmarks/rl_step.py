@@ -12,7 +12,9 @@ advantages, one-side clip, IS weight), AdamW lr 1e-5 with global-norm clip 1.0, 
 step, no reference-model KL (`Learner(..., ref_metrics=False)`), float32. The update accumulates
 the exact full-batch gradient over `--micro-batches` pieces (default 8, i.e. 8 rows x 73 tokens,
 whose activations stay in the CPU caches; on this workload that is ~20% faster than one piece). The sampler holds the
-learner's current params every step (on-policy).
+learner's current params every step (on-policy). The rows of both are split over one XLA:CPU
+device per core (`rl_jax.parallel.use_cpu_cores`, as `python -m rl_jax.train` does;
+`RL_JAX_CPU_DEVICES=1` runs everything on one device).
 
 A step is timed from prompt encoding to the update's metrics on the host; `sample` ends when
 the rewards are computed (generation, detokenisation, reward), `learn` is the rest. Reported:
@@ -44,7 +46,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
-from rl_jax import algorithms, host_memory, models  # noqa: E402
+from rl_jax import algorithms, host_memory, models, parallel  # noqa: E402
 from rl_jax.config import OptimizerConfig  # noqa: E402
 from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 from rl_jax.sampler import SamplerState, SamplingConfig, generate  # noqa: E402
@@ -85,6 +87,7 @@ class RLStep:
             max_new_tokens=NEW_TOKENS, prompt_buckets=(prompt_bucket,),
             generation_buckets=(NEW_TOKENS,),
         )  # fmt: skip
+        self.mesh = parallel.make_mesh()
         self.learner = Learner(
             graphdef=self.graphdef,
             algorithm=algorithms.get(algorithm),
@@ -93,8 +96,9 @@ class RLStep:
             temperature=1.0,
             ref_metrics=False,
             micro_batches=micro_batches,
+            mesh=self.mesh,
         )
-        self.state = self.learner.init(params)
+        self.state = self.learner.init(jax.device_put(params, parallel.replicated(self.mesh)))
         self.rng = np.random.default_rng(seed)
         self.key = jax.random.key(seed)
         self.step = 0
@@ -107,14 +111,16 @@ class RLStep:
         sampler_state = SamplerState.create(
             self.state.params, jax.random.fold_in(self.key, self.step), self.step - 1
         )
-        rollout, _ = generate(self.graphdef, sampler_state, ids, mask, self.sampling, GROUP)
+        rollout, _ = generate(
+            self.graphdef, sampler_state, ids, mask, self.sampling, GROUP, mesh=self.mesh
+        )
         completions = self.tokenizer.decode_batch(np.asarray(rollout.response_tokens))
         rewards = np.array(
             [addition_reward(c, answers[i // GROUP]) for i, c in enumerate(completions)],
             np.float32,
         )
         t1, c1 = time.perf_counter(), time.process_time()
-        batch = TrainBatch.from_rollout(rollout, rewards)
+        batch = parallel.shard_batch(TrainBatch.from_rollout(rollout, rewards), self.mesh)
         learner_key = jax.random.fold_in(jax.random.key(1), self.step)
         self.state, metrics = self.learner.update(self.state, batch, None, learner_key)
         loss = float(metrics["loss"])
@@ -182,6 +188,8 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step compiles)")
 
+    devices = parallel.use_cpu_cores(NUM_PROMPTS * GROUP // args.micro_batches) or 1
+    print(f"{devices} CPU device(s)")
     load_before = os.getloadavg()
     step = RLStep(args.model_dir, args.prompt_bucket, args.algorithm, args.seed, args.micro_batches)
     records = []
@@ -207,6 +215,7 @@ def main() -> None:
         "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpus": len(os.sched_getaffinity(0)),
+        "devices": jax.device_count(),
     })  # fmt: skip
     print(
         f"median step {result['median_step_s']} s = sample {result['median_sample_s']} + learn "

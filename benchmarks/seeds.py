@@ -5,14 +5,17 @@
 
 For each seed count N, the embedded default (warm-started tiny policy, 8 prompts x 8
 responses, GRPO, sync_interval 1) runs `--steps` steps of `rl_jax.train.HostSide.step` with
-`num_seeds = N`: one compiled sample, the host reward of all N batches, one compiled learn. With
-N > 1 it does so twice in the same process, steps alternating between the two: the runs one at a
-time inside the program (`runs_per_batch = 1`, the default) and all N vmapped together
-(`runs_per_batch = N`). The median over the steps after the first (which compiles) is reported
-with its sample / learn split, the time per seed-step, the ratio to one seed, and the useful FLOP
-rate of the whole step (`peak.sequence_flops` at the batch's mean response length, times N) as a
-share of the matmul peak measured in the same run. The 1-minute load average is recorded around
-each N; a line `RESULT_JSON {...}` ends the output.
+`num_seeds = N`: one compiled sample, the host reward of all N batches, one compiled learn. The
+process has one XLA:CPU device per core (`rl_jax.parallel.use_cpu_cores`, as the command-line
+entry points; `RL_JAX_CPU_DEVICES` sets the count), and several settings run in it, their steps
+alternating: the runs one at a time inside the program (`runs_per_batch = 1`, the default) on all
+devices; the same on the first device alone (what one device per process gives); and for N > 1
+all N vmapped together (`runs_per_batch = N`) on all devices. The median over the steps after
+the first (which compiles) is reported with its sample / learn split, the time per seed-step,
+the ratio to one seed on all devices, and the useful FLOP rate of the whole step
+(`peak.sequence_flops` at the batch's mean response length, times N) as a share of the matmul
+peak measured in the same run. The 1-minute load average is recorded around each N; a line
+`RESULT_JSON {...}` ends the output.
 """
 
 from __future__ import annotations
@@ -36,38 +39,42 @@ from rl_jax import config as config_lib  # noqa: E402
 from rl_jax.train import HostSide, make_step  # noqa: E402
 
 
-def _host(num_seeds: int, runs_per_batch: int, steps: int, out: pathlib.Path):
+def _host(num_seeds: int, runs_per_batch: int, devices: int, steps: int, out: pathlib.Path):
     config = config_lib.build(
         "embedded", num_seeds=num_seeds, runs_per_batch=runs_per_batch, steps=steps,
         eval_every=0, checkpoint_every=0, out_dir=str(out),
     )  # fmt: skip
     run = build.build_run(config)
-    mesh = parallel.make_mesh(config.fsdp)
+    mesh = parallel.make_mesh(config.fsdp, jax.devices()[:devices])
     host = HostSide(config, run, make_step(config, run, mesh), mesh)
-    return host, host.step_fn.init(run.params, [single.seed for single in config.runs()])
+    params = jax.device_put(run.params, parallel.replicated(mesh))
+    return host, host.step_fn.init(params, [single.seed for single in config.runs()])
 
 
 def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
-    """One result per runs_per_batch setting (1, and N for N > 1), their steps alternating."""
-    settings = sorted({1, num_seeds})
-    hosts = {b: _host(num_seeds, b, steps, out / f"batch_{b}") for b in settings}
-    record = {b: {"times": [], "sample": [], "learn": [], "length": []} for b in settings}
+    """One result per (runs_per_batch, devices) setting, their steps alternating."""
+    everywhere = jax.device_count()
+    settings = sorted({(1, everywhere), (1, 1), (num_seeds, everywhere)})
+    hosts = {
+        (b, d): _host(num_seeds, b, d, steps, out / f"batch_{b}_devices_{d}") for b, d in settings
+    }
+    record = {key: {"times": [], "sample": [], "learn": [], "length": []} for key in settings}
     load_before = os.getloadavg()[0]
     for step in range(1, steps + 1):
-        for b in settings:
-            host, state = hosts[b]
+        for key in settings:
+            host, state = hosts[key]
             start = time.perf_counter()
             state, metrics = host.step(state, step)
-            hosts[b] = (host, state)
-            r = record[b]
+            hosts[key] = (host, state)
+            r = record[key]
             r["times"].append(time.perf_counter() - start)
             r["sample"].append(metrics[0]["time/sample"])
             r["learn"].append(metrics[0]["time/learn"])
             r["length"].append(statistics.mean(m["response_length/mean"] for m in metrics))
     load_after = os.getloadavg()[0]
     results = []
-    for b in settings:
-        host, r = hosts[b][0], record[b]
+    for key in settings:
+        host, r = hosts[key][0], record[key]
         config = host.config
         flops = peak.sequence_flops(
             host.run.model_config, config.prompts_per_step * config.group_size,
@@ -76,7 +83,8 @@ def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
         median = statistics.median(r["times"][1:])
         results.append({
             "seeds": num_seeds,
-            "runs_per_batch": b,
+            "runs_per_batch": key[0],
+            "devices": key[1],
             "step_s": round(median, 4),
             "sample_s": round(statistics.median(r["sample"][1:]), 4),
             "learn_s": round(statistics.median(r["learn"][1:]), 4),
@@ -104,18 +112,18 @@ def main() -> None:
             for result in measure(n, args.steps, pathlib.Path(tmp) / f"seeds_{n}"):
                 result["peak_share"] = round(result["gflops_per_s"] / matmul["peak_gflops"], 3)
                 results.append(result)
-    one = [r for r in results if r["seeds"] == 1]
+    one = [r for r in results if r["seeds"] == 1 and r["devices"] == jax.device_count()]
     base = one[0]["step_s"] if one else None
     print(
         f"matmul peak {matmul['peak_gflops']:.1f} GFLOP/s (load {matmul['loadavg_1m']}), "
         f"{jax.device_count()} device(s)"
     )
-    print("seeds  runs/batch  step s  (sample + learn)  per seed-step s  x one seed  GFLOP/s"
-          "  peak share")  # fmt: skip
+    print("seeds  runs/batch  devices  step s  (sample + learn)  per seed-step s  x one seed"
+          "  GFLOP/s  peak share")  # fmt: skip
     for r in results:
         ratio = f"{r['step_s'] / base:10.2f}" if base else f"{'-':>10}"
         print(
-            f"{r['seeds']:5d}  {r['runs_per_batch']:10d}  {r['step_s']:6.3f}"
+            f"{r['seeds']:5d}  {r['runs_per_batch']:10d}  {r['devices']:7d}  {r['step_s']:6.3f}"
             f"  ({r['sample_s']:.3f} + {r['learn_s']:.3f})  {r['step_s'] / r['seeds']:15.3f}"
             f"  {ratio}  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}"
             f"   load {r['loadavg_1m']}"
