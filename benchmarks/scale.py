@@ -171,7 +171,14 @@ def generate_program(config, mesh, args):
         sampler.LAYER_COPY_MAX_BYTES = float("inf") if args.layer_copies == "on" else -1
     program = jax.jit(
         lambda p, key, tokens, mask: sampler.generate_rows(
-            graphdef, p, jnp.int32(0), key, tokens, mask, sampling, mesh
+            graphdef,
+            p,
+            jnp.int32(0),
+            sampler.row_keys(key, args.rows)[1],
+            tokens,
+            mask,
+            sampling,
+            mesh,
         )
     )
     return program.lower(params, jax.random.key(0), prompts, prompts).compile()

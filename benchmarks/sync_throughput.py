@@ -27,6 +27,7 @@ import pathlib
 import sys
 import tempfile
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -87,7 +88,11 @@ def measure(name: str, interval: int, blocks: int, cap: float, out: pathlib.Path
     mesh = parallel.make_mesh(1)
     window = generation_window(config, run)
     host = HostSide(config, run, make_step(config, run, mesh), mesh, window_size=window)
-    state = host.step_fn.init(run.params, [config.seed])
+    # Placed as `rl_jax.train.train` places them, so no step after the first compiles again.
+    params = jax.tree.map(
+        parallel.from_host, run.params, parallel.param_shardings(run.params, mesh)
+    )
+    state = host.step_fn.init(params, [config.seed])
     load = os.getloadavg()[0]
     sample = learn = tokens = 0.0
     rows = config.prompts_per_step * config.group_size

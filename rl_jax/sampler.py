@@ -17,6 +17,7 @@ eos_id, pad_id, the stop tokens and the cap are traced, so changing them never r
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -125,9 +126,13 @@ class _Knobs:
         )
 
 
-def _row_keys(key: jax.Array, batch: int) -> jax.Array:
-    """One independent key per global row index: [B] keys, the same however rows are sharded."""
-    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch, dtype=jnp.uint32))
+def row_keys(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """(next key, `[batch]` row keys) of a generate call with `key`: row r draws token t from
+    fold_in(fold_in(k, r), t), k a fresh split of `key`, the same however rows are sharded or
+    batched with other calls' rows."""
+    next_key, sample_key = jax.random.split(key)
+    rows = jnp.arange(batch, dtype=jnp.uint32)
+    return next_key, jax.vmap(lambda r: jax.random.fold_in(sample_key, r))(rows)
 
 
 def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
@@ -154,10 +159,11 @@ def _batch_constraint(mesh: Mesh | None):
 
 
 def _generate_program(
-    graphdef, top_k_width, nucleus, width, mesh, params, policy_version, key, prompt_tokens,
+    graphdef, top_k_width, nucleus, width, mesh, params, policy_version, keys, prompt_tokens,
     prompt_mask, knobs, *, loop_axes=(),
 ):  # fmt: skip
-    """The compiled program: prefill, then a while_loop of one-token decode steps.
+    """The compiled program: prefill, then a while_loop of one-token decode steps; `keys` are
+    the `[B]` row keys (`row_keys`).
 
     Static: the model, the top-k width (a power of two >= top_k, 0 = off), whether top-p is on
     (`nucleus`), the response width N and the mesh; the rest of the SamplingConfig arrives
@@ -169,8 +175,7 @@ def _generate_program(
     batch, prompt_width = prompt_tokens.shape
     _LOG.info("compiling generate: batch %d, prompt %d, response %d", batch, prompt_width, width)
     constrain = _batch_constraint(mesh)
-    next_key, sample_key = jax.random.split(key)
-    row_keys = constrain(_row_keys(sample_key, batch))
+    keys = constrain(keys)
     # Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute) are
     # cast once here: every use casts them anyway, so the results are the same bit for bit, and
     # the copies XLA keeps for the loop (sliced layers, all-gathered fsdp shards) are half size.
@@ -203,9 +208,14 @@ def _generate_program(
     def emit(carry, logits):
         """Sample column t for every live row; finished rows get pad_id, mask 0, logp 0."""
         t = carry["t"]
-        keys = _step_keys(row_keys, t)
         sampled, sampled_logp, untruncated_logp = draw(
-            logits, keys, top_k_width, knobs.top_k, knobs.temperature, top_p, knobs.greedy
+            logits,
+            _step_keys(keys, t),
+            top_k_width,
+            knobs.top_k,
+            knobs.temperature,
+            top_p,
+            knobs.greedy,
         )
         live = ~carry["done"]
         token = jnp.where(live, sampled, knobs.pad_id)
@@ -260,10 +270,16 @@ def _generate_program(
         truncated=~carry["done"],
         policy_version=jnp.broadcast_to(policy_version, (batch,)).astype(jnp.int32),
     )
+    return rollout
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate_jit(graphdef, top_k_width, nucleus, width, mesh, params, version, key, *rest):
+    next_key, keys = row_keys(key, rest[0].shape[0])
+    rollout = _generate_program(
+        graphdef, top_k_width, nucleus, width, mesh, params, version, keys, *rest
+    )
     return rollout, next_key
-
-
-_generate_jit = jax.jit(_generate_program, static_argnums=(0, 1, 2, 3, 4))
 
 
 def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) -> None:
@@ -332,7 +348,7 @@ def generate_rows(
     graphdef,
     params,
     policy_version,
-    key,
+    keys,
     row_tokens,
     row_mask,
     config: SamplingConfig,
@@ -342,12 +358,13 @@ def generate_rows(
     """The generation program for callers that trace it inside their own jit (`rl_jax.step`).
 
     row_tokens, row_mask: `[B, P]` prompts already expanded to rows (`rl_jax.groups`) and
-    left-padded; the draws are those `generate` makes with `state.key = key`. The config's
-    knobs become constants of the caller's program. `loop_axes`: the names of the vmapped axes
-    the call is inside (they share one decode loop, which runs until every row is done).
+    left-padded; keys: `[B]` row keys, `row_keys(key, B)[1]` for the draws `generate` makes with
+    `state.key = key` (rows of several such calls may be stacked into one batch: each row's
+    draws depend on its own key only). The config's knobs become constants of the caller's
+    program. `loop_axes`: the names of the vmapped axes the call is inside (they share one
+    decode loop, which runs until every row is done).
     """
-    rollout, _ = _generate_program(
-        graphdef, *_static_settings(config), mesh, params, policy_version, key, row_tokens,
+    return _generate_program(
+        graphdef, *_static_settings(config), mesh, params, policy_version, keys, row_tokens,
         row_mask, _Knobs.of(config), loop_axes=loop_axes,
     )  # fmt: skip
-    return rollout

@@ -41,11 +41,11 @@ from jax.sharding import Mesh
 
 from rl_jax import groups
 from rl_jax.learner import Learner, LearnerState, TrainBatch
-from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate_rows
+from rl_jax.sampler import Rollout, SamplerState, SamplingConfig, generate_rows, row_keys
 from rl_jax.sync import SyncSchedule
 
 SAMPLE, LEARN, EVAL = 0, 1, 2  # key purposes
-RUNS, WINDOW = "runs", "window"  # the vmapped axes of a RunState and of a generation window
+RUNS = "runs"  # the vmapped axis of a RunState
 
 
 def purpose_key(root: jax.Array, purpose: int, step=None) -> jax.Array:
@@ -182,17 +182,20 @@ class Step:
         )
         pending = jax.tree.map(pick, pending, state.pending)
 
-        def one_step(tokens, mask, step):
-            return generate_rows(
-                self.learner.graphdef, sampler.params, sampler.policy_version,
-                jax.random.fold_in(sampler.key, step),
-                groups.rows_from_prompts(tokens, self.group_size),
-                groups.rows_from_prompts(mask, self.group_size), self.sampling, self.mesh,
-                loop_axes=(RUNS, WINDOW),
-            )  # fmt: skip
-
-        steps = first_step + jnp.arange(prompt_tokens.shape[0], dtype=jnp.int32)
-        window = jax.vmap(one_step, axis_name=WINDOW)(prompt_tokens, prompt_mask, steps)
+        # The window's steps are stacked into one batch of rows, each row with the key it
+        # would have in a call for its step alone (`sampler.row_keys`).
+        num_steps, num_prompts = prompt_tokens.shape[:2]
+        rows = num_prompts * self.group_size
+        steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
+        keys = jax.vmap(lambda k: row_keys(jax.random.fold_in(sampler.key, k), rows)[1])(steps)
+        as_rows = jax.vmap(lambda x: groups.rows_from_prompts(x, self.group_size))
+        stacked = lambda x: x.reshape(num_steps * rows, *x.shape[2:])
+        rollout = generate_rows(
+            self.learner.graphdef, sampler.params, sampler.policy_version, stacked(keys),
+            stacked(as_rows(prompt_tokens)), stacked(as_rows(prompt_mask)), self.sampling,
+            self.mesh, loop_axes=(RUNS,),
+        )  # fmt: skip
+        window = jax.tree.map(lambda x: x.reshape(num_steps, rows, *x.shape[1:]), rollout)
         return window, state.replace(sampler=sampler, pending=pending)
 
     def _learn_one(self, state: RunState, window: Rollout, rewards, index, step):
@@ -243,9 +246,10 @@ def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
         mesh = None  # every device generates all of them
 
     def one(params, version, root):
+        keys = row_keys(purpose_key(root, EVAL), prompt_tokens.shape[0])[1]
         return generate_rows(
-            step_fn.learner.graphdef, params, version, purpose_key(root, EVAL), prompt_tokens,
-            prompt_mask, step_fn.sampling, mesh, loop_axes=(RUNS,),
+            step_fn.learner.graphdef, params, version, keys, prompt_tokens, prompt_mask,
+            step_fn.sampling, mesh, loop_axes=(RUNS,),
         )  # fmt: skip
 
     return step_fn.per_run(one, state.learner.params, state.learner.step, state.key)
