@@ -25,15 +25,12 @@ reached 0.94 by step 80 and responses grew; now GRPO's mean held-out reward reac
 final gain at step 160 and still rises over steps 200-400, responses shorten as capped rambles
 give way to worked chains, entropy falls and KL to the initial policy rises gradually.
 
-Time (warm start cached, a nearly idle 2-core AMD EPYC; BENCHMARKS.md, "Many seeds in one
-program"): 1276 s on 2026-12-02 on the first host (381-419 s of sampling and learning per
-algorithm, ~1.0 s per step of 5 x 64 responses); 1627 s and 1857 s (~1.4 s per step) on a
-second, slower host of the same model, whose speed drifts by 15-20% within an hour; 1512 s on a
-third (431-489 s per algorithm) with the seeds run one at a time and the layers as a loop
-(commits 3b621fb, 6016bf5), 1487 s there with the RoPE change too, and 899 s with the same code
-on the same host in a faster hour (21:57 UTC, matmul peak 150-180 GFLOP/s against 120-134;
-results bit for bit equal): the 20-minute target is met at that speed, not at the slower one.
-`--seeds 1` took 232 s for the three algorithms (22:37 UTC, same host).
+Time (warm start cached, a nearly idle 2-core AMD EPYC; BENCHMARKS.md, "One device per core"):
+831 s and 888 s on 2026-12-03 (a Zen 4 host, one XLA:CPU device per core, 241-316 s per
+algorithm); 899-1857 s on earlier hosts with one device and older code, the same code's time
+moving by up to 1.65x with the host's speed. On that Zen 4 host the runs started at 0.177 and
+ended at 0.902 / 0.895 / 0.889 with the verdicts of the first host below
+(results/seed_figure/summary_fourth_host.md).
 Expected (5 seeds, first host, code before commit a11dde4;
 experiments/results/seed_figure/summary.md): held-out
 reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
