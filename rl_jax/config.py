@@ -82,9 +82,10 @@ class TrainConfig:
     fsdp: devices per parameter shard (1 = replicated parameters, pure data parallelism).
     window_cap_gib: KV-cache GiB per device one generate call may use: the sampler generates
       the batches of up to sync_interval steps (same policy version) in one call within it;
-      0 (the default) generates step by step. On this project's 2-core CPU a window is no
-      faster: with one device per core a decode step of 32 rows per device already runs near
-      the best rate a larger batch reaches (BENCHMARKS.md, "Sync throughput").
+      0 (the default) generates step by step. On this project's 2-core CPU a window is not
+      reliably faster: a 20x larger decode batch does only 1.4x the rows per second, and
+      windows measured 0.85-1.5x in sampling between runs (BENCHMARKS.md, "Sync throughput on
+      the fourth host").
     compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
       optimizer moments stay float32); remat: "none" | "full" | "save-dots" recomputation of
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response

@@ -77,8 +77,8 @@ def use_cpu_cores(rows: int) -> int | None:
 
     XLA:CPU runs one device's small operations (a decode step of 64 rows, the tiny policy's
     elementwise work) on about one core; with one device per core the rows of each device run in
-    parallel: the embedded default's sampling 1.4-2x faster on 2 cores (BENCHMARKS.md, "One
-    device per core"). `cpu_device_count` says how many; nothing changes once JAX has started or
+    parallel: the embedded default's sampling ~1.6x faster on 2 cores, its update unchanged
+    (BENCHMARKS.md, "One device per core"). `cpu_device_count` says how many; nothing changes once JAX has started or
     where `jax_num_cpu_devices` is already set, and an accelerator's devices are not affected.
     Returns the count set, or None.
     """
