@@ -14,8 +14,9 @@ all N vmapped together (`runs_per_batch = N`) on all devices. The median over th
 the first (which compiles) is reported with its sample / learn split, the time per seed-step,
 the ratio to one seed on all devices, and the useful FLOP rate of the whole step
 (`peak.sequence_flops` at the batch's mean response length, times N) as a share of the matmul
-peak measured in the same run. The 1-minute load average is recorded around each N; a line
-`RESULT_JSON {...}` ends the output.
+peak measured in the same run, and the process's CPU seconds per step (all its threads, XLA's
+included) with the cores they keep busy on average (CPU s / step s). The 1-minute load average
+is recorded around each N; a line `RESULT_JSON {...}` ends the output.
 """
 
 from __future__ import annotations
@@ -58,16 +59,19 @@ def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
     hosts = {
         (b, d): _host(num_seeds, b, d, steps, out / f"batch_{b}_devices_{d}") for b, d in settings
     }
-    record = {key: {"times": [], "sample": [], "learn": [], "length": []} for key in settings}
+    record = {
+        key: {"times": [], "cpu": [], "sample": [], "learn": [], "length": []} for key in settings
+    }
     load_before = os.getloadavg()[0]
     for step in range(1, steps + 1):
         for key in settings:
             host, state = hosts[key]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             state, metrics = host.step(state, step)
             hosts[key] = (host, state)
             r = record[key]
             r["times"].append(time.perf_counter() - start)
+            r["cpu"].append(time.process_time() - cpu_start)
             r["sample"].append(metrics[0]["time/sample"])
             r["learn"].append(metrics[0]["time/learn"])
             r["length"].append(statistics.mean(m["response_length/mean"] for m in metrics))
@@ -81,6 +85,7 @@ def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
             host.run.task.max_prompt_len, round(statistics.mean(r["length"][1:])),
         )  # fmt: skip
         median = statistics.median(r["times"][1:])
+        cpu = statistics.median(r["cpu"][1:])
         results.append({
             "seeds": num_seeds,
             "runs_per_batch": key[0],
@@ -89,6 +94,8 @@ def measure(num_seeds: int, steps: int, out: pathlib.Path) -> list[dict]:
             "sample_s": round(statistics.median(r["sample"][1:]), 4),
             "learn_s": round(statistics.median(r["learn"][1:]), 4),
             "step_s_range": [round(min(r["times"][1:]), 4), round(max(r["times"][1:]), 4)],
+            "cpu_s": round(cpu, 4),
+            "cores_busy": round(cpu / median, 2),
             "first_step_s": round(r["times"][0], 2),
             "gflops_per_s": round(num_seeds * (flops["sample"] + flops["train"]) / median / 1e9, 2),
             "loadavg_1m": [round(load_before, 2), round(load_after, 2)],
@@ -119,14 +126,14 @@ def main() -> None:
         f"{jax.device_count()} device(s)"
     )
     print("seeds  runs/batch  devices  step s  (sample + learn)  per seed-step s  x one seed"
-          "  GFLOP/s  peak share")  # fmt: skip
+          "  GFLOP/s  peak share  CPU s  cores busy")  # fmt: skip
     for r in results:
         ratio = f"{r['step_s'] / base:10.2f}" if base else f"{'-':>10}"
         print(
             f"{r['seeds']:5d}  {r['runs_per_batch']:10d}  {r['devices']:7d}  {r['step_s']:6.3f}"
             f"  ({r['sample_s']:.3f} + {r['learn_s']:.3f})  {r['step_s'] / r['seeds']:15.3f}"
-            f"  {ratio}  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}"
-            f"   load {r['loadavg_1m']}"
+            f"  {ratio}  {r['gflops_per_s']:7.1f}  {r['peak_share']:10.2f}  {r['cpu_s']:5.3f}"
+            f"  {r['cores_busy']:10.2f}   load {r['loadavg_1m']}"
         )
     print(
         "RESULT_JSON "
