@@ -18,12 +18,12 @@ mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=valu
 overrides (as `rl_jax.train`).
 
 Time: 6 runs; with 3 seeds at 200 steps (the committed results in experiments/results/red_study/)
-21 minutes on this 2-core CPU (1259 s, 2026-12-02, sharing it with the test suite for the first
-15 minutes), about twice that at the default 400 steps.
+10.5 minutes on this 2-core CPU (630 s, 2026-12-03, a fourth host, nearly idle, two CPU devices),
+about twice that at the default 400 steps.
 Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): every algorithm at both sync
-settings ends at held-out 0.82-0.85 (+- 0.04-0.08) from 0.20, with KL 0.084-0.092; at sync
-interval 20 RED-Drop and RED-Weight are a little faster early (held-out 0.50 and 0.56 against
-0.44 for GRPO at step 40, 0.66 and 0.68 against 0.57 at step 60, the bands overlapping) and the
+settings ends at held-out 0.83-0.85 (+- 0.09-0.11) from 0.20, with KL 0.081-0.089; at sync
+interval 20 RED-Drop and RED-Weight are a little faster early (held-out 0.53 and 0.56 against
+0.45 for GRPO at step 40, 0.68 and 0.67 against 0.60 at step 60, the bands overlapping) and the
 same at the end. RED-Drop without clipping
 stays stable at this learning rate (with lr 1e-4, before 2026-12-02, one seed of it collapsed
 after step 60 at interval 20).
