@@ -18,13 +18,14 @@ mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=valu
 overrides (as `rl_jax.train`).
 
 Time: the committed results (experiments/results/sync_study/: all 24 runs, 3 seeds, 200 steps)
-took 63 minutes on this 2-core CPU (2026-12-02, nearly idle: 2523 s for 16 runs, then 1246 s for
-the other 8): ~0.75 s per 3-seed step, so about 2 hours at the default 400 steps.
+took 37 minutes on this 2-core CPU (2245 s, 2026-12-03, a fourth host, nearly idle, two CPU
+devices): ~0.45 s per 3-seed step, so about 75 minutes at the default 400 steps.
 Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.85 held-out);
-at offset 10 REINFORCE peaks at ~0.82 and falls back (0.67 +- 0.10 at step 200) while GRPO =
-REC-OneSide-NoIS (~0.85); the (0.6, 2.0) range is fastest off-policy (0.53 at step 40 against
-0.44) and stable; offline the (0.2, 0.2) variants stall at 0.3-0.37, (0.6, 2.0) reaches ~0.68,
-REINFORCE ~0.78 with a KL of ~30. The summary lists the paper's claims and what decides them.
+at offset 10 each REINFORCE seed ends below its own peak (0.78 +- 0.10 at step 200) while GRPO =
+REC-OneSide-NoIS (~0.85), the intervals overlapping; the (0.6, 2.0) range is fastest
+off-policy (0.55 at step 40 against 0.45) and stable; offline the (0.2, 0.2) variants stall at
+0.31-0.46, (0.6, 2.0) reaches ~0.66, REINFORCE ~0.79 with a KL of ~30. The committed summary adds
+the paper's claims and what decides them.
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/sync_study.png` (one column per sync
 setting: training reward on top, held-out reward below, one line per algorithm) and
 `<out>/summary.md` (tables of held-out and training reward and KL; also printed).
