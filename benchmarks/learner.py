@@ -70,6 +70,18 @@ def _median_seconds(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def random_batch(config, batch: int, prompt: int, response: int) -> TrainBatch:
+    """A `TrainBatch` of random tokens (seed 0) with every prompt and response token real."""
+    rng = np.random.default_rng(0)
+    tokens = lambda n: jnp.asarray(rng.integers(1, config.vocab_size, (batch, n)), jnp.int32)
+    return TrainBatch(
+        prompt_tokens=tokens(prompt), prompt_mask=jnp.ones((batch, prompt), jnp.int32),
+        response_tokens=tokens(response), response_mask=jnp.ones((batch, response), jnp.float32),
+        untruncated_logp=jnp.full((batch, response), -np.log(config.vocab_size), jnp.float32),
+        rewards=jnp.asarray(rng.integers(0, 2, (batch,)), jnp.float32),
+    )  # fmt: skip
+
+
 def learn_runner(config, params, batch: int, prompt: int, response: int):
     graphdef, params = params
     learner = Learner(
@@ -77,17 +89,7 @@ def learn_runner(config, params, batch: int, prompt: int, response: int):
         optimizer=OptimizerConfig(learning_rate=1e-5, grad_clip=1.0), group_size=GROUP,
         ref_metrics=False,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    train_batch = TrainBatch(
-        prompt_tokens=jnp.asarray(rng.integers(1, config.vocab_size, (batch, prompt)), jnp.int32),
-        prompt_mask=jnp.ones((batch, prompt), jnp.int32),
-        response_tokens=jnp.asarray(
-            rng.integers(1, config.vocab_size, (batch, response)), jnp.int32
-        ),
-        response_mask=jnp.ones((batch, response), jnp.float32),
-        untruncated_logp=jnp.full((batch, response), -np.log(config.vocab_size), jnp.float32),
-        rewards=jnp.asarray(rng.integers(0, 2, (batch,)), jnp.float32),
-    )
+    train_batch = random_batch(config, batch, prompt, response)
     state = learner.init(params)
     key = jax.random.key(0)
 

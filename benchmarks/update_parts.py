@@ -5,8 +5,8 @@
 
 The reference update (benchmarks/learner.py's `tiny-qwen2` shapes: 64 rows x (9 + 64) tokens,
 the `grpo` preset, AdamW, micro_batches 8, no reference KL, one CPU device) is compiled twice
-in one process and the two programs are called alternately, each round keeping the best of
-`--best-of` calls:
+in one process, and the two programs and an n = 1024 square matmul are called in turn, each
+round keeping the best of `--best-of` calls of each:
 
 - `update`: the update as it runs;
 - `without attention core`: the same update with softmax(q k^T / sqrt(d)) v replaced by
@@ -24,8 +24,7 @@ Then, isolated and alternating in the same way (minimum over `--calls` calls of 
   (`peak.measure_peak`, measured in the same run) that defines the update's FLOP floor.
 
 The update's FLOP floor is `peak.sequence_flops` at that peak. The machine's speed drifts within
-minutes, so every round of the updates also times an n = 1024 square matmul (best of
-`--best-of`), and the update's time over its floor at each round's own matmul speed is
+minutes, so the update's time over its floor at each round's own square-matmul speed is
 reported as well. The 1-minute load average is recorded; a line `RESULT_JSON {...}` ends the
 output.
 """
@@ -47,11 +46,11 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
-from learner import GROUP, MODELS  # noqa: E402
+from learner import GROUP, MODELS, random_batch  # noqa: E402
 
 from rl_jax import algorithms, host_memory, models  # noqa: E402
 from rl_jax.config import OptimizerConfig  # noqa: E402
-from rl_jax.learner import Learner, TrainBatch  # noqa: E402
+from rl_jax.learner import Learner  # noqa: E402
 from rl_jax.models.attention import attend  # noqa: E402
 
 ROWS, PROMPT, RESPONSE, MICRO_BATCHES = 64, 9, 64, 8
@@ -74,14 +73,7 @@ def reference_update(memory: models.MemoryOptions):
         optimizer=OptimizerConfig(learning_rate=1e-5, grad_clip=1.0), group_size=GROUP,
         ref_metrics=False, micro_batches=MICRO_BATCHES, memory=memory,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    tokens = lambda n: jnp.asarray(rng.integers(1, config.vocab_size, (ROWS, n)), jnp.int32)
-    batch = TrainBatch(
-        prompt_tokens=tokens(PROMPT), prompt_mask=jnp.ones((ROWS, PROMPT), jnp.int32),
-        response_tokens=tokens(RESPONSE), response_mask=jnp.ones((ROWS, RESPONSE), jnp.float32),
-        untruncated_logp=jnp.full((ROWS, RESPONSE), -np.log(config.vocab_size), jnp.float32),
-        rewards=jnp.asarray(rng.integers(0, 2, (ROWS,)), jnp.float32),
-    )  # fmt: skip
+    batch = random_batch(config, ROWS, PROMPT, RESPONSE)
     state, key = learner.init(params), jax.random.key(0)
     update = jax.jit(lambda s, b, k: learner.traced_update(s, b, None, k))
     return update.lower(state, batch, key).compile(), (state, batch, key)
@@ -103,9 +95,9 @@ def alternate(programs: dict, rounds: int, best_of: int) -> dict:
 
 def attention_programs():
     """attend fwd + bwd of one layer and micro-batch, and its six batched matmuls alone."""
-    config = MODELS["tiny-qwen2"]
-    rows, seq, heads, kv_heads, dim = ROWS // MICRO_BATCHES, PROMPT + RESPONSE, 4, 2, 64
-    assert (heads, kv_heads, dim) == (config.num_heads, config.num_kv_heads, config.head_dim)
+    c = MODELS["tiny-qwen2"]
+    rows, seq = ROWS // MICRO_BATCHES, PROMPT + RESPONSE
+    heads, kv_heads, dim = c.num_heads, c.num_kv_heads, c.head_dim
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
     q, do = normal(rows, seq, heads, dim), normal(rows, seq, heads, dim)
