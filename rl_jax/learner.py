@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import groups, guards, logprobs, losses, parallel
+from rl_jax import compat, groups, guards, logprobs, losses, parallel
 from rl_jax.algorithms import Algorithm
 from rl_jax.config import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -297,13 +297,13 @@ class Learner:
 
         def per_device(params, ref_params, micro, denominator):
             # Varying per device, so that differentiating it adds no all-reduce to the loop.
-            params = jax.lax.pcast(params, devices, to="varying")
+            params = compat.to_varying(params, devices)
             grads, (loss, policy_metrics, sums) = accumulate(params, ref_params, micro, denominator)
             total = lambda tree: jax.lax.psum(tree, devices)
             return total(grads), (total(loss), policy_metrics, total(sums))
 
         whole, split = P(), P(None, devices)
-        return jax.shard_map(
+        return compat.shard_map(
             per_device, mesh=mesh, in_specs=(whole, whole, split, whole),
             out_specs=(whole, (whole, P(devices), whole)),
         )(params, ref_params, micro, denominator)  # fmt: skip

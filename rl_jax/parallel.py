@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rl_jax import compat
+
 DATA, FSDP = "data", "fsdp"
 
 
@@ -83,11 +85,7 @@ def use_cpu_cores(rows: int) -> int | None:
     Returns the count set, or None.
     """
     count = cpu_device_count(rows)
-    if count is None or jax.config.jax_num_cpu_devices != -1:
-        return None
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # JAX has started: its devices stay as they are
+    if count is None or not compat.set_cpu_device_count(count):
         return None
     return count
 
