@@ -89,7 +89,9 @@ def test_gsm8k_cli_trains_evaluates_checkpoints_and_resumes(tmp_path):
         assert -0.1 - 1e-6 <= m["reward/mean"] <= 1.1 + 1e-6
         assert m["response_length/max"] <= MAX_RESPONSE_LEN
         assert m["num_sequences"] == 4 and m["grad_norm"] > 0
-    assert logged[1]["kl/ref"] == 0.0 and logged[2]["kl/ref"] > 0  # step 1 moved the policy
+    # kl/ref of step 1 is 0 up to rounding (the learner's and the reference's forwards are two
+    # programs; tests/test_train.py), and step 1 moved the policy.
+    assert abs(logged[1]["kl/ref"]) < 1e-12 and logged[2]["kl/ref"] > 0
     checkpoints = out / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 3]
 

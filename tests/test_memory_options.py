@@ -147,9 +147,12 @@ def test_learner_options_equal_default(tiny, memory, chunk):
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_layer_loop_equals_layer_scan_bit_for_bit(tiny, remat):
+def test_layer_loop_equals_layer_scan(tiny, remat):
     """The tiny model's layers as a Python loop (the default up to LOOP_MAX_LAYERS) and as a
-    `lax.scan`: the same loss, metrics and gradients, bit for bit."""
+    `lax.scan`: the same loss, metrics and gradients to float rounding. They are two programs
+    (the loop is unrolled, the scan compiles one body), which XLA may fuse and vectorise
+    differently on another CPU, so equality is to 1e-6 relative (2e-7 covers float32 rounding of
+    one op; the sums over the batch add a few), not bit for bit."""
     graphdef, params, ref_params = tiny
     results = [
         _loss_and_grads(
@@ -165,12 +168,12 @@ def test_layer_loop_equals_layer_scan_bit_for_bit(tiny, remat):
         for scan in (False, True)
     ]
     (loss, metrics, grads), (scan_loss, scan_metrics, scan_grads) = results
-    assert float(loss) == float(scan_loss)
-    assert {k: float(v) for k, v in metrics.items()} == {
-        k: float(v) for k, v in scan_metrics.items()
-    }
+    assert float(loss) == pytest.approx(float(scan_loss), rel=1e-6, abs=1e-9)
+    assert metrics.keys() == scan_metrics.keys()
+    for name, value in metrics.items():
+        assert float(value) == pytest.approx(float(scan_metrics[name]), rel=1e-6, abs=1e-9), name
     for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads), strict=True):
-        np.testing.assert_array_equal(g, want)
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-8)
     assert not MemoryOptions().scans(LOOP_MAX_LAYERS) and MemoryOptions().scans(LOOP_MAX_LAYERS + 1)
     assert MemoryOptions(scan_layers=True).scans(2) and not MemoryOptions(scan_layers=False).scans(
         28

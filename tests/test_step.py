@@ -179,9 +179,10 @@ def test_run_i_of_many_equals_a_single_run_of_seed_i(two_seeds):
     assert (out / "many" / "seed_0" / "checkpoints" / "4").is_dir()
     stored = json.loads((out / "many" / "seed_1" / "config.json").read_text())
     assert (stored["seed"], stored["num_seeds"]) == (1, 1)
-    # Runs one at a time (runs_per_batch = 1, the default): run i is seed i's run, its
-    # parameters bit for bit. A metric may differ in the last bit: XLA:CPU can vectorise a
-    # reduction in the looped program differently (the entropy's, on an AVX-512 host).
+    # Runs one at a time (runs_per_batch = 1, the default): run i computes seed i's run. The
+    # many-seed program (a loop over runs) and the single run are two programs, which XLA:CPU
+    # may vectorise differently (an entropy 4e-7 relative apart on an AVX-512 host), so metrics
+    # and parameters agree to 1e-6 relative, not bit for bit (they were equal on AMD hosts).
     untimed = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))}
     for got, want in zip(many.run_metrics[1], one.metrics, strict=True):
         got, want = untimed(got), untimed(want)
@@ -193,7 +194,7 @@ def test_run_i_of_many_equals_a_single_run_of_seed_i(two_seeds):
         jax.tree.leaves(many.state.learner.params), jax.tree.leaves(one.state.learner.params),
         strict=True,
     ):  # fmt: skip
-        np.testing.assert_array_equal(got[1], want[0])
+        np.testing.assert_allclose(got[1], want[0], rtol=1e-6, atol=1e-9)
 
 
 def test_many_seeds_resume_in_lockstep_from_their_common_checkpoint(two_seeds):
