@@ -301,34 +301,58 @@ def _smoothing_window(num_steps: int) -> int:
     return max(1, min(20, num_steps // 10))
 
 
+# Each run's mean line gets its own style as well as its own colour, so that curves lying on top
+# of each other (the seed figure's three algorithms often do) stay told apart.
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -> None:
-    """2x2 panels of DYNAMICS_PANELS vs learner step, one colour per run: raw values faint, a
-    trailing moving average solid; held-out `eval/reward` as dashed markers on the reward panel."""
+    """2x2 panels of DYNAMICS_PANELS vs learner step, one colour and line style per run.
+
+    Drawn in layers so that no run hides another: first every run's raw per-step values (faint)
+    and its 95% band over seeds of the moving average (shaded), then every run's moving
+    average on top; held-out `eval/reward` as markers on the reward panel. One legend for the
+    whole figure names the runs and explains each element."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     window = _smoothing_window(max(len(o.metrics) for o in outcomes))
-    for index, outcome in enumerate(outcomes):
-        color = f"C{index}"
-        for ax, (key, ylabel) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
+    styles = [(f"C{i}", LINE_STYLES[i % len(LINE_STYLES)]) for i in range(len(outcomes))]
+    banded = False
+    for outcome, (color, _) in zip(outcomes, styles, strict=True):
+        for ax, (key, _) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
             steps, values = series(outcome.metrics, key)
             ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
             steps, mean, half = band(outcome, key, window)
-            ax.plot(steps, mean, color=color, label=outcome.spec.label)
             if half.any():  # 95% interval over seeds of the moving average
-                ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.15)
+                ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.12)
+                banded = True
+    for outcome, (color, style) in zip(outcomes, styles, strict=True):
+        for ax, (key, ylabel) in zip(axes.flat, DYNAMICS_PANELS, strict=True):
+            steps, mean, _ = band(outcome, key, window)
+            ax.plot(steps, mean, color=color, linestyle=style, linewidth=1.6)
             ax.set_ylabel(ylabel)
             ax.set_xlabel("learner step")
             ax.grid(alpha=0.3)
         steps, values = series(outcome.metrics, "eval/reward")
-        axes[0, 0].plot(
-            steps, values, color=color, linestyle="--", marker="o", markersize=3,
-            label=f"{outcome.spec.label} (held-out)",
-        )  # fmt: skip
+        axes[0, 0].plot(steps, values, color=color, linestyle="none", marker="o", markersize=3.5,
+                        markeredgecolor="white", markeredgewidth=0.5)  # fmt: skip
     axes[0, 0].set_ylim(-0.02, 1.02)
-    axes[0, 0].legend(fontsize=8, loc="lower right")
-    axes[0, 0].set_title(f"solid: {window}-step moving average; dashed: held-out eval", fontsize=9)
+    handles = [
+        Line2D([], [], color=color, linestyle=style, linewidth=1.6, label=outcome.spec.label)
+        for outcome, (color, style) in zip(outcomes, styles, strict=True)
+    ]
+    handles.append(Line2D([], [], color="0.3", label=f"line: {window}-step moving average"))
+    handles.append(Line2D([], [], color="0.3", alpha=0.3, label="faint: per-step value"))
+    if banded:
+        handles.append(Patch(color="0.3", alpha=0.2, label="band: 95% interval over seeds"))
+    handles.append(Line2D([], [], color="0.3", linestyle="none", marker="o", markersize=3.5,
+                          label="dots: held-out reward"))  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -117,7 +117,7 @@ def summarize_seeds(outcomes) -> str:
     and over the last 50 steps, one row per (algorithm, metric)."""
     last = outcomes[0].config.steps
     points = [s for s in (100, 200) if s < last] + [last]
-    header = ("algorithm", "metric", *(f"step {s}" for s in points), "last 50 steps")
+    header = ("algorithm", "metric", *(f"step {s}" for s in points), f"last {min(50, last)} steps")
     rows = []
     for o in outcomes:
         for key, label in SEED_TABLE:
@@ -140,11 +140,15 @@ def _paired(outcomes, a: str, b: str, key: str, tail: int = 50):
 
 def claims(outcomes) -> str:
     """For each qualitative claim of the paper's figure, whether the runs support it, with the
-    interval that decides it (paired over seeds, last 50 steps unless said otherwise)."""
+    interval that decides it (paired over seeds, last 50 steps unless said otherwise). A claim
+    is undecided when an interval is undefined: one seed, or no held-out evaluation at a step
+    it needs (a run shorter than 2 x eval_every)."""
     lines = []
+    seeds = len(outcomes[0].seed_metrics)
+    undecided = "undecided (one seed)" if seeds < 2 else "undecided (an interval is undefined)"
 
     def verdict(name, supported, evidence):
-        word = "undecided (one seed)" if supported is None else (
+        word = undecided if supported is None else (
             "supported" if supported else "not supported")  # fmt: skip
         lines.append(f"- {name}: **{word}**; {evidence}")
 

@@ -102,6 +102,7 @@ def test_seed_figure_with_seeds_reports_intervals_and_claims(tmp_path):
     half = 12.706 * values.std(ddof=1) / np.sqrt(2)
     rows = [line for line in summary.splitlines() if line.startswith("| GRPO | length |")]
     assert rows and f"{values.mean():.3f} +- {half:.3f}" in rows[0]
+    assert "| last 2 steps |" in summary  # the tail a 2-step run has, not "last 50"
     for claim in ("GRPO ~ REC-OneSide-NoIS", "RED-Weight has the lowest KL",
                   "REC-OneSide-NoIS has the lowest entropy", "shortest responses",
                   "improve steadily"):  # fmt: skip
