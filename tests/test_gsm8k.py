@@ -227,3 +227,24 @@ def test_non_utf8_or_empty_file_is_named(builder_module, tmp_path):
     test_file.write_bytes(b"\n\n")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(test_file))} holds no GSM8K problems"):
         builder_module.load_split(source, "test", tmp_path / "tfds")
+
+
+def test_max_prompt_tokens_drops_long_prompts_and_says_how_many(
+    builder_module, tokenizer, tmp_path, capsys
+):
+    options = {"data_dir": str(TINY_DIR), "tfds_data_dir": str(tmp_path)}
+    full = gsm8k.GSM8KTask(tokenizer=tokenizer, **options)
+    examples = full.train_examples() + full.eval_examples()
+    lengths = sorted({len(tokenizer.encode(e.prompt, add_bos=True)) for e in examples})
+    assert len(lengths) > 1, "the fixture's prompts should differ in length"
+    limit = lengths[-2]  # drops the longest prompt(s) only
+    short = gsm8k.GSM8KTask(tokenizer=tokenizer, max_prompt_tokens=limit, **options)
+    kept = short.train_examples() + short.eval_examples()
+    assert all(len(tokenizer.encode(e.prompt, add_bos=True)) <= limit for e in kept)
+    assert 0 < len(kept) < len(examples) and short.max_prompt_len <= limit
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("gsm8k: dropped ") and f"max_prompt_tokens={limit}" in line
+    with pytest.raises(ValueError, match="max_prompt_tokens=1 drops every train problem"):
+        gsm8k.GSM8KTask(tokenizer=tokenizer, max_prompt_tokens=1, **options)
+    with pytest.raises(ValueError, match="max_prompt_tokens must be a positive integer"):
+        gsm8k.GSM8KConfig(max_prompt_tokens=0)

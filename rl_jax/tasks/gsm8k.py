@@ -83,6 +83,9 @@ class GSM8KConfig:
       the default) or a key of `CHAT_TEMPLATES` for tokenizers without one.
     max_prompt_len: prompt budget in tokens (BOS included); None = the longest prompt of both
       splits. A smaller value than that longest prompt is an error, never a silent truncation.
+    max_prompt_tokens: drop the problems whose prompt is longer than this many tokens (BOS
+      included) from both splits, for a model with a short context; the count dropped is
+      printed in one line. None keeps every problem.
     max_response_len: generation cap in tokens (the paper uses 1024).
     num_eval: size of the held-out set (the first test problems); None = all 1,319.
     accuracy_weight, format_weight, timeout_seconds: see `gsm8k_reward.RewardConfig`.
@@ -93,6 +96,7 @@ class GSM8KConfig:
     tokenizer: str | None = None
     template: str = "model"
     max_prompt_len: int | None = None
+    max_prompt_tokens: int | None = None
     max_response_len: int = 1024
     num_eval: int | None = None
     accuracy_weight: float = 1.0
@@ -102,7 +106,7 @@ class GSM8KConfig:
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {list(TEMPLATES)}, got {self.template!r}")
-        for name in ("max_prompt_len", "max_response_len", "num_eval"):
+        for name in ("max_prompt_len", "max_prompt_tokens", "max_response_len", "num_eval"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -154,6 +158,8 @@ class GSM8KTask:
         )
         self._train = self._to_examples(_load_examples(self.config, "train"))
         test = self._to_examples(_load_examples(self.config, "test"))
+        if self.config.max_prompt_tokens is not None:
+            self._train, test = self._drop_long_prompts(self._train, test)
         num_eval = self.config.num_eval or len(test)
         if num_eval > len(test):
             raise ValueError(f"num_eval must be at most {len(test)}, got {num_eval}")
@@ -168,8 +174,28 @@ class GSM8KTask:
             for ex in examples
         ]
 
+    def _prompt_tokens(self, example: Example) -> int:
+        return len(self.tokenizer.encode(example.prompt, add_bos=True))
+
+    def _drop_long_prompts(self, train: list[Example], test: list[Example]):
+        """(train, test) without the prompts over `max_prompt_tokens`; says how many went."""
+        limit = self.config.max_prompt_tokens
+        kept = [[ex for ex in split if self._prompt_tokens(ex) <= limit] for split in (train, test)]
+        counts = ", ".join(
+            f"{len(split) - len(k)} of {len(split)} {name}"
+            for name, split, k in zip(("train", "test"), (train, test), kept, strict=True)
+        )  # fmt: skip
+        print(f"gsm8k: dropped {counts} problems whose prompt is over max_prompt_tokens={limit}")
+        for name, k in zip(("train", "test"), kept, strict=True):
+            if not k:
+                raise ValueError(
+                    f"task_options.max_prompt_tokens={limit} drops every {name} problem: the "
+                    f"shortest prompt has {min(map(self._prompt_tokens, train + test))} tokens"
+                )
+        return kept[0], kept[1]
+
     def _prompt_budget(self, examples: Sequence[Example]) -> int:
-        longest = max(len(self.tokenizer.encode(ex.prompt, add_bos=True)) for ex in examples)
+        longest = max(self._prompt_tokens(ex) for ex in examples)
         budget = self.config.max_prompt_len
         if budget is not None and budget < longest:
             raise ValueError(
