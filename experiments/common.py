@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -27,9 +26,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from experiments import intervals
+from rl_jax import cache
 from rl_jax import config as config_lib
 
-DEFAULT_COMPILATION_CACHE = pathlib.Path.home() / ".cache" / "rl_jax" / "jax"
 # (metric, axis label) of the 2x2 training-dynamics figure (DESIGN.md §5 names).
 DYNAMICS_PANELS = (
     ("reward/mean", "training reward"),
@@ -113,20 +112,16 @@ def make_parser(doc: str, steps: int, out: str, seeds: int = 1) -> argparse.Argu
     )
     parser.add_argument(
         "--compilation-cache",
-        default=os.environ.get("RL_JAX_COMPILATION_CACHE", str(DEFAULT_COMPILATION_CACHE)),
-        help="persistent JAX compilation cache directory ('' disables)",
+        default=str(cache.path("jax") or ""),
+        help="persistent JAX compilation cache directory ('' disables; default: "
+        "$RL_JAX_COMPILATION_CACHE, else $RL_JAX_CACHE/jax)",
     )
     return parser
 
 
 def enable_compilation_cache(path: str) -> None:
     """Persist compiled programs under `path` (unless empty or a cache is already configured)."""
-    import jax
-
-    if not path or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cache.enable_compilation_cache(path)
 
 
 def merge(*layers: Mapping) -> dict:

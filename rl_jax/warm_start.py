@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rl_jax import models, sampler, sampling
+from rl_jax import cache, models, sampler, sampling
 from rl_jax.tasks.arithmetic import ArithmeticTask, classify, parse_terms
 from rl_jax.tasks.arithmetic import solution as chain_solution
 
@@ -254,11 +254,6 @@ def evaluate(task: ArithmeticTask, graphdef, params, num_eval: int, seed: int = 
 # --- cache -------------------------------------------------------------------------------------
 
 
-def cache_root() -> pathlib.Path:
-    """`$RL_JAX_CACHE` or `~/.cache/rl_jax`."""
-    return pathlib.Path(os.environ.get("RL_JAX_CACHE", pathlib.Path.home() / ".cache" / "rl_jax"))
-
-
 # The code the trained weights depend on, bit for bit: an edit to any of these files trains the
 # warm start anew instead of reusing weights an older version of the code produced.
 _SOURCES = (
@@ -290,7 +285,7 @@ def cache_key(task: ArithmeticTask, config: WarmStartConfig) -> str:
 
 
 def cache_dir(task: ArithmeticTask, config: WarmStartConfig) -> pathlib.Path:
-    return cache_root() / "warm_start" / cache_key(task, config)
+    return cache.path("warm_start") / cache_key(task, config)
 
 
 def read_report(path: pathlib.Path) -> dict:

@@ -248,3 +248,13 @@ def test_max_prompt_tokens_drops_long_prompts_and_says_how_many(
         gsm8k.GSM8KTask(tokenizer=tokenizer, max_prompt_tokens=1, **options)
     with pytest.raises(ValueError, match="max_prompt_tokens must be a positive integer"):
         gsm8k.GSM8KConfig(max_prompt_tokens=0)
+
+
+def test_preparation_is_quiet_unless_verbose(builder_module, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv(builder_module.VERBOSE_ENV, raising=False)
+    assert len(builder_module.load_split(TINY_DIR, "test", tmp_path / "quiet")) == 2
+    out, err = capfd.readouterr()
+    assert "Downloading and preparing" not in out + err and "\r" not in out + err, out + err
+    monkeypatch.setenv(builder_module.VERBOSE_ENV, "1")
+    assert len(builder_module.load_split(TINY_DIR, "test", tmp_path / "verbose")) == 2
+    assert "Downloading and preparing" in "".join(capfd.readouterr())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rl_jax import cache
 from rl_jax.tasks.base import Example
 from rl_jax.tasks.gsm8k_reward import TIMEOUT_SECONDS, RewardConfig, reward
 
@@ -76,7 +77,8 @@ class GSM8KConfig:
 
     data_dir: directory with train.jsonl / test.jsonl in the original format, prepared through
       `gsm8k_builder.Gsm8kJsonl`; None uses the official TFDS ``gsm8k`` builder (downloads).
-    tfds_data_dir: where TFDS writes the prepared array_record files (a cache).
+    tfds_data_dir: where TFDS writes the prepared array_record files (a cache); None:
+      `$RL_JAX_CACHE/tfds` (`rl_jax.cache`).
     tokenizer: path of the policy's ``tokenizer.json`` (or its model directory); it measures
       prompts and is the task's tokenizer. A tokenizer object may be passed to `GSM8KTask`.
     template: chat layout of the prompt: "model" (the tokenizer directory's own chat template,
@@ -92,7 +94,7 @@ class GSM8KConfig:
     """
 
     data_dir: str | None = None
-    tfds_data_dir: str = "~/.cache/rl_jax/tfds"
+    tfds_data_dir: str | None = None
     tokenizer: str | None = None
     template: str = "model"
     max_prompt_len: int | None = None
@@ -123,9 +125,10 @@ def _load_examples(config: GSM8KConfig, split: str) -> list[GSM8KExample]:
             "GSM8KTask reads GSM8K through tensorflow-datasets: pip install 'rl_jax[data]'"
         ) from error
 
+    tfds_data_dir = config.tfds_data_dir or cache.path("tfds")
     if config.data_dir is None:
-        return gsm8k_builder.load_official_split(split, config.tfds_data_dir)
-    return gsm8k_builder.load_split(config.data_dir, split, config.tfds_data_dir)
+        return gsm8k_builder.load_official_split(split, tfds_data_dir)
+    return gsm8k_builder.load_split(config.data_dir, split, tfds_data_dir)
 
 
 class GSM8KTask:

@@ -19,11 +19,14 @@ TFDS's write-time order, which is deterministic but not the file order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import decimal
 import hashlib
 import importlib.util
+import io
 import json
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -194,10 +197,36 @@ def prepare(jsonl_dir: str | pathlib.Path, tfds_data_dir: str | pathlib.Path) ->
     return builder
 
 
+VERBOSE_ENV = "RL_JAX_VERBOSE"  # set by the CLI's -v
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TFDS's progress bars, its "Downloading and preparing" lines and absl's info and warning
+    lines off, unless `RL_JAX_VERBOSE` is set: preparing the data is a one-off step of a few
+    seconds that they would fill with raw terminal escapes."""
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    from absl import logging as absl_logging
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    verbosity, bars = absl_logging.get_verbosity(), getattr(tqdm_utils, "_active", True)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(bars)
+
+
 def data_source(jsonl_dir, split: str, tfds_data_dir):
     """The TFDS array_record data source of `split` (random access; records in write order)."""
     _source_path(jsonl_dir, split)
-    return prepare(jsonl_dir, tfds_data_dir).as_data_source(split=split)
+    with _quiet():
+        return prepare(jsonl_dir, tfds_data_dir).as_data_source(split=split)
 
 
 def _text(value) -> str:
