@@ -1,0 +1,618 @@
+"""Checks and measures whatever backend JAX finds: one command for a lent GPU or a TPU VM.
+
+    PYTHONPATH=. python3 benchmarks/accelerator.py --json        # one device, ~8 minutes
+    python benchmarks/accelerator.py --small --json              # tiny shapes: the CPU test
+
+Numerics, float32 (matmuls at `highest` precision), a tiny random model, one device:
+- `logits`, `sampler/greedy`, `sampler/sampled` (a fixed key), `learner` (loss, metrics and
+  every gradient of one `Learner.update`) on the device against the same programs run on the
+  CPU backend. On a CPU backend both sides are the CPU: the check runs (it is the CI test) and
+  says `reference: "same device"`. `logits/default_precision`: the device's default matmul
+  precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs) against the CPU.
+- `attention/chunked`, `attention/dot_product`: hidden states and learner gradients against
+  `attention=xla` on the device; on a GPU `attention/cudnn`: `jax.nn.dot_product_attention(
+  implementation="cudnn")` in bfloat16 against `attend`, and whether rl_jax's `dot_product`
+  path lowers to cuDNN there.
+- `bfloat16`: bfloat16 compute (float32 parameters) against float32.
+Timings, random weights, the paper's GSM8K step (Qwen2.5-1.5B, rows x (256 + 1024), the
+memory settings `benchmarks/scale.py` recommends): `matmul_peak` (measured bfloat16),
+`sampler` and `learner`: compile seconds, response tokens/s, MFU = useful FLOPs
+(`peak.sequence_flops`: the learner's 3x forward, without the recomputed and the reference
+forward) / seconds / the device's published dense bfloat16 peak (`PUBLISHED_PEAKS`), device
+peak memory (`memory_stats`) next to the compiled program's own estimate (`scale.report`).
+Rows: `--rows` (768), halved until the phase's estimate fits its share of `--budget-s`.
+
+Each check prints one line (`--json`: a JSON object with backend, check, ok and numbers;
+progress goes to stderr); a check that raises is `ok: false` with its error and the run goes
+on. Bad input (an absent backend, shapes the device cannot hold, a missing package) is one
+`error:` line and exit 2 before anything compiles. Exit 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+try:
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import jaxlib
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import learner as learner_bench
+    import peak
+    import scale
+
+    from rl_jax import algorithms, groups, models, parallel, sampler
+    from rl_jax.config import OptimizerConfig
+    from rl_jax.learner import Learner, TrainBatch
+    from rl_jax.models.attention import attend, attend_dot_product
+except ModuleNotFoundError as missing:
+    sys.exit(
+        f"error: the package {missing.name!r} is missing: install it (pip install -e . from the "
+        "repository root), or run with PYTHONPATH=<repository root> for rl_jax itself"
+    )
+
+GiB = 2**30
+# Dense bfloat16 FLOP/s per chip from the vendors' spec sheets (NVIDIA H200 / H100 / A100
+# datasheets without sparsity; Google Cloud TPU system architecture pages), matched in order
+# against the lower-cased `device_kind`.
+PUBLISHED_PEAKS = (
+    ("h200", "NVIDIA H200 SXM", 989e12),
+    ("h100 pcie", "NVIDIA H100 PCIe", 756e12),
+    ("h100 80gb hbm3", "NVIDIA H100 SXM", 989e12),
+    ("a100", "NVIDIA A100", 312e12),
+    ("tpu v4", "TPU v4", 275e12),
+    ("tpu v5 lite", "TPU v5e", 197e12),
+    ("tpu v5e", "TPU v5e", 197e12),
+    ("tpu v5p", "TPU v5p", 459e12),
+    ("tpu v5", "TPU v5p", 459e12),
+    ("tpu v6", "TPU v6e", 918e12),
+)
+# Planning only (rows per phase): the assumed fraction of the measured bfloat16 matmul peak
+# that useful FLOPs reach, and a compile time, before either is measured.
+PLAN_UTILISATION = {"sampler": 0.1, "learner": 0.3}
+PLAN_COMPILE_S = 60.0
+# Tolerances. float32 against float32 (two compilers, other summation orders): 1e-4 of the
+# largest reference value, ~100x the rounding seen between attention kernels on XLA:CPU.
+F32_TOL = 1e-4
+# A sampled token may differ only where the reference's two candidates tie within this (then
+# the rows legitimately continue differently).
+TIE_TOL = 1e-3
+# bfloat16 keeps 8 significant bits (2^-9 relative rounding); over a few layers logits and
+# gradients move by a few percent of their largest value. cuDNN gets bfloat16 inputs too.
+BF16_TOL = 5e-2
+
+
+class Report:
+    """Prints each check's line and remembers whether all passed."""
+
+    def __init__(self, backend: str, as_json: bool):
+        self.backend, self.as_json, self.failed, self.start = backend, as_json, [], time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def progress(self, text: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def emit(self, check: str, ok: bool, **numbers) -> None:
+        record = {"backend": self.backend, "check": check, "ok": bool(ok), **numbers}
+        if not ok:
+            self.failed.append(check)
+        if self.as_json:
+            print(json.dumps(record, default=float), flush=True)
+        else:
+            items = " ".join(f"{k}={v}" for k, v in numbers.items())
+            print(f"{check:26s} {'ok' if ok else 'FAIL':4s} {items}", flush=True)
+
+    def run(self, check: str, fn, *args) -> dict | None:
+        """Runs `fn(*args)` -> {"ok": bool, numbers...}; an exception is `ok: false`."""
+        self.progress(f"{check} ...")
+        try:
+            result = fn(*args)
+        except Exception as error:  # one check's failure must not end the run
+            traceback.print_exc(file=sys.stderr)
+            self.emit(check, False, error=f"{type(error).__name__}: {error}".splitlines()[0])
+            return None
+        self.emit(check, result.pop("ok"), **result)
+        return result
+
+
+def _close(value, reference, tol) -> dict:
+    """Largest difference relative to max(1, largest |reference|): {max_diff, rel_diff, ok}."""
+    value, reference = np.asarray(value, np.float64), np.asarray(reference, np.float64)
+    diff = float(np.max(np.abs(value - reference), initial=0.0))
+    rel = diff / max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+    return {"max_diff": diff, "rel_diff": rel, "ok": bool(np.isfinite(rel) and rel <= tol)}
+
+
+def _tree_close(values, references, tol) -> dict:
+    """`_close` of every leaf pair, each relative to its own leaf; the worst leaf reported."""
+    results = [_close(a, b, tol) for a, b in zip(values, references, strict=True)]
+    worst = max(results, key=lambda r: r["rel_diff"])
+    return {**worst, "ok": all(r["ok"] for r in results), "leaves": len(results)}
+
+
+_forward = jax.jit(models.forward)
+_hidden = jax.jit(lambda *args: models.forward_hidden(*args)[0], static_argnums=(0, 4))
+
+
+class Tiny:
+    """The numerics workload: a random model, prompts with left padding, a batch to learn on.
+    Parameters and data stay on the host; each method runs on the device it is given."""
+
+    def __init__(self, config, rows: int = 8, group: int = 2, prompt: int = 8, response: int = 16):
+        self.config, self.group, self.response = config, group, response
+        graphdef, params = nnx.split(models.init_model(config, 0))
+        self.graphdef, self.params = graphdef, jax.tree.map(np.asarray, params)
+        rng = np.random.default_rng(0)
+        vocab = config.vocab_size
+        self.prompts = rng.integers(1, vocab, (rows // group, prompt)).astype(np.int32)
+        self.prompt_mask = np.ones_like(self.prompts)
+        for i in range(1, rows // group):
+            self.prompt_mask[i, : i % prompt] = 0  # left padding of 0, 1, 2, ... tokens
+        lengths = rng.integers(1, response + 1, rows)
+        response_mask = (np.arange(response)[None] < lengths[:, None]).astype(np.float32)
+        behaviour = -np.log(vocab) + 0.3 * rng.standard_normal((rows, response))
+        self.batch = TrainBatch(
+            prompt_tokens=groups.rows_from_prompts(self.prompts, group),
+            prompt_mask=groups.rows_from_prompts(self.prompt_mask, group),
+            response_tokens=rng.integers(1, vocab, (rows, response)).astype(np.int32),
+            response_mask=response_mask,
+            untruncated_logp=(behaviour * response_mask).astype(np.float32),
+            rewards=rng.standard_normal(rows).astype(np.float32),  # no group of equal rewards
+        )  # fmt: skip
+        self.ref_params = jax.tree.map(
+            lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype), self.params
+        )
+        self._updates = {}
+
+    def learner(self, graphdef=None, attention: str = "xla") -> Learner:
+        # AdamW's first update with eps = 1 (far above every |g|), lr 1, no clipping or decay
+        # is u = -g / (|g| + 1), so g = -u / (1 - |u|) reads the gradient off the public update.
+        return Learner(
+            graphdef or self.graphdef, algorithms.get("grpo"),
+            optimizer=OptimizerConfig(learning_rate=1.0, eps=1.0, grad_clip=0.0),
+            group_size=self.group,
+            memory=models.MemoryOptions(attention=attention, attention_chunk=4),
+        )  # fmt: skip
+
+    def update(self, device, learner: Learner) -> tuple[dict, list]:
+        """(metrics, gradient leaves) of one `learner.update` on `device` (computed once)."""
+        key = (device, learner)
+        if key not in self._updates:
+            put = lambda tree: jax.device_put(tree, device)
+            params = put(self.params)
+            state, metrics = learner.update(
+                learner.init(params), put(self.batch), put(self.ref_params), jax.random.key(1)
+            )
+            steps = [
+                np.asarray(after) - before
+                for after, before in zip(
+                    jax.tree.leaves(state.params), jax.tree.leaves(self.params), strict=True
+                )
+            ]
+            grads = [-u / (1.0 - np.abs(u)) for u in steps]
+            self._updates[key] = ({k: float(v) for k, v in metrics.items()}, grads)
+        return self._updates[key]
+
+    def logits(self, device, graphdef=None, tokens=None, mask=None) -> np.ndarray:
+        tokens = self.batch.prompt_tokens if tokens is None else tokens
+        mask = self.batch.prompt_mask if mask is None else mask
+        params, tokens, mask = jax.device_put((self.params, tokens, mask), device)
+        return np.asarray(_forward(graphdef or self.graphdef, params, tokens, mask))
+
+    def hidden(self, device, attention: str) -> np.ndarray:
+        memory = models.MemoryOptions(attention=attention, attention_chunk=4)
+        batch = (self.params, self.batch.prompt_tokens, self.batch.prompt_mask)
+        params, tokens, mask = jax.device_put(batch, device)
+        return np.asarray(_hidden(self.graphdef, params, tokens, mask, memory))
+
+    def sampling(self, greedy: bool) -> sampler.SamplingConfig:
+        width = self.prompts.shape[1]
+        return sampler.SamplingConfig(
+            eos_id=self.config.vocab_size, greedy=greedy, max_new_tokens=self.response,
+            prompt_buckets=(width,), generation_buckets=(self.response,),
+        )  # fmt: skip
+
+    def generate(self, device, greedy: bool):
+        """A rollout (numpy) of every prompt, `group` rows each; EOS never drawn."""
+        with jax.default_device(device):
+            params = jax.device_put(self.params, device)
+            state = sampler.SamplerState.create(params, jax.random.key(2))
+            rollout, _ = sampler.generate(
+                self.graphdef, state, self.prompts, self.prompt_mask, self.sampling(greedy),
+                self.group,
+            )  # fmt: skip
+        return jax.tree.map(np.asarray, rollout)
+
+
+def check_logits(tiny: Tiny, device, cpu) -> dict:
+    return _close(tiny.logits(device), tiny.logits(cpu), F32_TOL)
+
+
+def check_sampler(tiny: Tiny, device, cpu, greedy: bool) -> dict:
+    """Tokens equal up to a near tie; log-probs equal where the tokens are."""
+    ours, ref = tiny.generate(device, greedy), tiny.generate(cpu, greedy)
+    differs = ours.response_tokens != ref.response_tokens
+    rows, width = differs.shape
+    first = np.where(differs.any(1), differs.argmax(1), width)
+    # The reference's scores of both candidates at each first divergence, on the device's prefix.
+    tokens = np.concatenate([ours.prompt_tokens, ours.response_tokens], 1)
+    mask = np.concatenate([ours.prompt_mask, np.ones_like(ours.response_tokens)], 1)
+    logits = tiny.logits(cpu, tokens=tokens, mask=mask)[:, ours.prompt_tokens.shape[1] - 1 :]
+    keys = sampler.row_keys(jax.random.key(2), rows)[1]  # documented: fold_in(row key, t)
+    margins = []
+    for r in np.flatnonzero(first < width):
+        t = first[r]
+        scores = logits[r, t]
+        if not greedy:
+            scores = scores + np.asarray(
+                jax.random.gumbel(jax.random.fold_in(keys[r], t), scores.shape)
+            )
+        margins.append(abs(scores[ours.response_tokens[r, t]] - scores[ref.response_tokens[r, t]]))
+    same = np.arange(width)[None] < first[:, None]
+    logp = _close(
+        np.where(same, ours.untruncated_logp, 0), np.where(same, ref.untruncated_logp, 0), F32_TOL
+    )
+    tie = max(margins, default=0.0)
+    return {
+        "tokens_equal": float(np.mean(~differs)), "diverged_rows": int((first < width).sum()),
+        "max_tie_margin": float(tie), "logp_max_diff": logp["max_diff"],
+        "ok": bool(logp["ok"] and tie <= TIE_TOL),
+    }  # fmt: skip
+
+
+def check_learner(tiny: Tiny, device, cpu) -> dict:
+    metrics, grads = tiny.update(device, tiny.learner())
+    ref_metrics, ref_grads = tiny.update(cpu, tiny.learner())
+    names = sorted(ref_metrics)
+    values = _close([metrics[k] for k in names], [ref_metrics[k] for k in names], F32_TOL)
+    grad = _tree_close(grads, ref_grads, 10 * F32_TOL)  # leaves of ~1e-4: more relative noise
+    return {
+        "loss": metrics["loss"], "ref_loss": ref_metrics["loss"],
+        "grad_norm": metrics["grad_norm"], "metrics_max_diff": values["max_diff"],
+        "grad_rel_diff": grad["rel_diff"], "grad_leaves": grad["leaves"],
+        "ok": values["ok"] and grad["ok"] and metrics["grad_norm"] > 0,
+    }  # fmt: skip
+
+
+def check_attention(tiny: Tiny, device, attention: str) -> dict:
+    """Hidden states, loss and gradients of `attention` against `xla` on the device."""
+    hidden = _close(tiny.hidden(device, attention), tiny.hidden(device, "xla"), F32_TOL)
+    metrics, grads = tiny.update(device, tiny.learner(attention=attention))
+    ref_metrics, ref_grads = tiny.update(device, tiny.learner())
+    grad = _tree_close(grads, ref_grads, 10 * F32_TOL)
+    loss = _close(metrics["loss"], ref_metrics["loss"], F32_TOL)
+    return {
+        "hidden_rel_diff": hidden["rel_diff"], "loss_diff": loss["max_diff"],
+        "grad_rel_diff": grad["rel_diff"], "ok": hidden["ok"] and loss["ok"] and grad["ok"],
+    }  # fmt: skip
+
+
+def check_cudnn(device, config) -> dict:
+    """cuDNN's fused attention (bfloat16) against `attend` in float32 on the same inputs,
+    output and input gradients over the rows that attend to something (left padding's rows
+    attend to nothing: `attend` makes them uniform, cuDNN's finite bias may not)."""
+    rng = np.random.default_rng(3)
+    b, t, heads, kv, d = 2, 64, config.num_heads, config.num_kv_heads, config.head_dim
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.bfloat16) for n in (heads, kv, kv)
+    )
+    pad = np.arange(t)[None] >= np.array([[0], [7]])  # row 1 left-padded by 7 tokens
+    allowed = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & pad[:, None, :])
+    weights = jnp.asarray(rng.standard_normal((b, t, heads, d)), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * weights * pad[:, :, None, None])
+
+    ours = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=allowed[:, None], implementation="cudnn"
+    )
+    exact = lambda q, k, v: attend(*(x.astype(jnp.float32) for x in (q, k, v)), allowed)
+    put = lambda x: jax.device_put(x, device)
+    q, k, v = put(q), put(k), put(v)
+    out, ref = (np.asarray(jax.jit(f)(q, k, v), np.float32) for f in (ours, exact))
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(lambda *a: loss(exact, *a), argnums=(0, 1, 2)))(q, k, v)
+    real = pad[:, :, None, None]
+    value = _close(out * real, ref * real, BF16_TOL)
+    grad = _tree_close(
+        [np.asarray(g, np.float32) for g in grads], [np.asarray(g) for g in ref_grads], BF16_TOL
+    )
+    hlo = jax.jit(attend_dot_product).lower(q, k, v, allowed).compile().as_text()
+    return {
+        "out_rel_diff": value["rel_diff"], "grad_rel_diff": grad["rel_diff"],
+        "padded_rows_finite": bool(np.isfinite(out).all()),
+        "rl_jax_dot_product_uses_cudnn": "cudnn" in hlo.lower(),
+        "ok": value["ok"] and grad["ok"],
+    }  # fmt: skip
+
+
+def check_bfloat16(tiny: Tiny, device) -> dict:
+    """bfloat16 compute (the same float32 parameters) against float32, on the device."""
+    config = dataclasses.replace(tiny.config, dtype="bfloat16")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.Decoder(config, rngs=nnx.Rngs(0))))
+    logits = _close(tiny.logits(device, graphdef), tiny.logits(device), BF16_TOL)
+    metrics, grads = tiny.update(device, tiny.learner(graphdef))
+    ref_metrics, ref_grads = tiny.update(device, tiny.learner())
+    loss = _close(metrics["loss"], ref_metrics["loss"], BF16_TOL)
+    grad = _tree_close(grads, ref_grads, BF16_TOL)
+    return {
+        "logits_rel_diff": logits["rel_diff"], "loss_diff": loss["max_diff"],
+        "grad_rel_diff": grad["rel_diff"], "tolerance": BF16_TOL,
+        "ok": logits["ok"] and loss["ok"] and grad["ok"],
+    }  # fmt: skip
+
+
+def published_peak(device) -> tuple[str, float] | tuple[None, None]:
+    kind = device.device_kind.lower()
+    for pattern, name, flops in PUBLISHED_PEAKS:
+        if pattern in kind:
+            return name, flops
+    return None, None
+
+
+def memory_limit(device) -> int | None:
+    """Bytes the device can hold (`memory_stats()["bytes_limit"]`); None where not reported."""
+    return (device.memory_stats() or {}).get("bytes_limit")
+
+
+def static_bytes(config, rows: int, seq: int) -> int:
+    """A lower bound on one device's memory for the timed programs, from the shapes alone:
+    learner: float32 parameters (also the reference), the state's copy, two AdamW moments and
+    the gradient; sampler: the parameters, their compute-dtype copy and the bfloat16 KV cache."""
+    n = config.num_params
+    kv = rows * seq * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
+    return max(20 * n, 6 * n + kv)
+
+
+def paper_settings(args, rows: int):
+    """`scale.py`'s arguments for `rows` with its recommended memory settings; the micro-batch
+    count keeps the recommended rows per micro-batch of the requested row count."""
+    seq = args.prompt_len + args.response_len
+    per_request = scale.recommended_micro_batches(args.model, args.rows, seq, 1)
+    micro = max(1, per_request * rows // args.rows)
+    while rows % micro:
+        micro -= 1
+    settings = {**scale.RECOMMENDED, "attention_chunk": args.attention_chunk}
+    if args.small:  # blocks smaller than the tiny shapes, so the chunked paths run
+        settings["logprob_chunk"] = 8
+    return argparse.Namespace(
+        rows=rows, prompt_len=args.prompt_len, response_len=args.response_len,
+        micro_batches=micro, ref_metrics=True, layer_copies="auto", **settings,
+    )  # fmt: skip
+
+
+def plan_rows(args, phase: str, flops_per_run, peak_flops: float, share_s: float) -> int:
+    """The requested rows, halved (whole groups of 8) until compile + 2 runs are estimated to
+    fit `share_s` at `PLAN_UTILISATION` of the measured matmul peak."""
+    estimate = lambda r: (
+        PLAN_COMPILE_S + 2 * flops_per_run(r) / (PLAN_UTILISATION[phase] * peak_flops)
+    )
+    rows = args.rows
+    while rows % 16 == 0 and estimate(rows) > share_s:
+        rows //= 2
+    return rows
+
+
+class Paper:
+    """The timed workload: random weights of `args.model` on one device, the recommended
+    settings, programs compiled by `benchmarks/scale.py`."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.config = models.get_config(
+            args.model, dtype=scale.RECOMMENDED["dtype"], param_dtype="float32"
+        )
+        self.mesh = parallel.make_mesh(1, [device])
+        with jax.default_device(device):
+            self.graphdef, params = nnx.split(models.init_model(self.config, 0))
+        self.params = jax.device_put(params, parallel.param_shardings(params, self.mesh))
+        self.name, self.peak = published_peak(device)
+
+    def flops(self, rows: int) -> dict:
+        a = self.args
+        return peak.sequence_flops(self.config, rows, a.prompt_len, a.response_len)
+
+    def _compiled(self, program, settings) -> tuple:
+        start = time.perf_counter()
+        compiled = program(self.config, self.mesh, settings)
+        compile_s = time.perf_counter() - start
+        estimate = scale.report("", compiled, {}, top=1)["peak_bytes"]
+        limit = memory_limit(self.device)
+        if limit and estimate > limit:
+            raise MemoryError(
+                f"the compiled program needs {estimate / GiB:.1f} GiB, the device holds "
+                f"{limit / GiB:.1f} GiB: pass a smaller --rows"
+            )
+        return compiled, compile_s, estimate
+
+    def _timed(self, run, deadline: float) -> list[float]:
+        """Seconds of each call of `run`: two, or one when a second would pass `deadline`."""
+        times = []
+        while len(times) < 2 and (not times or time.monotonic() + times[-1] < deadline):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def _result(self, phase, rows, settings, compile_s, estimate, times, tokens, flops) -> dict:
+        seconds = times[-1]
+        stats = self.device.memory_stats() or {}
+        result = {
+            "model": self.args.model, "rows": rows, "requested_rows": self.args.rows,
+            "prompt_len": self.args.prompt_len, "response_len": self.args.response_len,
+            "micro_batches": settings.micro_batches, "dtype": settings.dtype,
+            "remat": settings.remat, "attention": settings.attention,
+            "logprob_chunk": settings.logprob_chunk, "compile_s": round(compile_s, 1),
+            "run_s": [round(t, 3) for t in times], "response_tokens_per_s": tokens / seconds,
+            "tflops": flops / seconds / 1e12,
+            "aot_peak_gib": round(estimate / GiB, 2),
+            "device_peak_gib": round(stats["peak_bytes_in_use"] / GiB, 2)
+            if "peak_bytes_in_use" in stats else None,
+        }  # fmt: skip
+        if self.peak:
+            result.update(mfu=round(flops / seconds / self.peak, 4), peak_of=self.name)
+        else:
+            result["mfu_note"] = f"no published peak for {self.device.device_kind!r}"
+        return {**result, "ok": True}
+
+    def sampler(self, rows: int, deadline: float) -> dict:
+        settings = paper_settings(self.args, rows)
+        compiled, compile_s, estimate = self._compiled(scale.generate_program, settings)
+        rng = np.random.default_rng(0)
+        shape = (rows, self.args.prompt_len)
+        tokens = rng.integers(1, self.config.vocab_size, shape).astype(np.int32)
+        tokens, mask = jax.device_put(
+            (tokens, np.ones(shape, np.int32)), parallel.batch_sharding(self.mesh)
+        )
+        out = []
+        run = lambda: out.append(
+            jax.block_until_ready(compiled(self.params, jax.random.key(0), tokens, mask))
+        )
+        times = self._timed(run, deadline)
+        generated = float(np.asarray(out[-1].response_mask).sum())
+        flops = self.flops(rows)["sample"]
+        return self._result("sampler", rows, settings, compile_s, estimate, times, generated, flops)
+
+    def learner(self, rows: int, deadline: float) -> dict:
+        settings = paper_settings(self.args, rows)
+        compiled, compile_s, estimate = self._compiled(scale.learner_program, settings)
+        learner = scale.paper_learner(self.graphdef, settings)
+        a = self.args
+        batch = learner_bench.random_batch(self.config, rows, a.prompt_len, a.response_len)
+        batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
+        state = [learner.init(self.params)]
+
+        def run():  # the reference policy is the initial parameters (not donated)
+            state[0], metrics = compiled(state[0], batch, self.params, jax.random.key(0))
+            if not np.isfinite(float(metrics["loss"])):
+                raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
+
+        times = self._timed(run, deadline)
+        tokens = rows * a.response_len
+        flops = self.flops(rows)["train"]
+        return self._result("learner", rows, settings, compile_s, estimate, times, tokens, flops)
+
+
+def measure_peak(device, small: bool) -> dict:
+    sizes = (256, 512) if small else (2048, 4096, 8192)
+    with jax.default_device(device):
+        gflops = {n: peak.jax_matmul_gflops(n, 5, jnp.bfloat16) for n in sizes}
+    name, published = published_peak(device)
+    result = {"bf16_tflops": max(gflops.values()) / 1e3, "sizes": list(sizes)}
+    if published:
+        result.update(published=name, published_tflops=published / 1e12)
+        result["of_published"] = round(result["bf16_tflops"] * 1e12 / published, 3)
+    return {**result, "ok": True}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", help="cpu, gpu, tpu (default: JAX's default backend)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes: the CPU test")
+    parser.add_argument("--json", action="store_true", help="one JSON object per check")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run's seconds")
+    parser.add_argument("--model", default="qwen2.5-1.5b", help="a preset of rl_jax.models")
+    parser.add_argument("--rows", type=int, default=768, help="rows of the timed step")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--response-len", type=int, default=1024)
+    parser.add_argument("--attention-chunk", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.small:
+        args.model, args.rows, args.prompt_len, args.response_len = "tiny", 16, 8, 16
+        args.attention_chunk = 8
+    args.model = scale.resolve_model(args.model)
+    for name in ("rows", "prompt_len", "response_len", "attention_chunk"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rows % 8:
+        parser.error(f"--rows must be whole groups of 8, got {args.rows}")
+    return args
+
+
+def pick_device(backend: str | None):
+    """The first device of `backend`; exit 2 naming what JAX finds when it has none."""
+    try:
+        return jax.devices(backend)[0]
+    except RuntimeError as error:
+        found = sorted({d.platform for d in jax.devices()})
+        sys.exit(
+            f"error: --backend {backend}: JAX finds no such device here (it finds {found}; "
+            f"{' '.join(str(error).split())[:120]}). On a TPU VM: pip install -e '.[tpu]'; on "
+            "NVIDIA GPUs: pip install -e '.[cuda]' (or '.[cuda13]')"
+        )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, cpu = pick_device(args.backend), jax.devices("cpu")[0]
+    paper_config = models.get_config(args.model)
+    limit = memory_limit(device)
+    need = static_bytes(paper_config, args.rows, args.prompt_len + args.response_len)
+    if limit and need > limit:
+        sys.exit(
+            f"error: {args.model} at {args.rows} rows x ({args.prompt_len} + "
+            f"{args.response_len}) needs more than {need / GiB:.1f} GiB on one device "
+            f"(parameters, optimizer state, KV cache), the {device.device_kind} holds "
+            f"{limit / GiB:.1f} GiB: pass a smaller --rows or --model"
+        )
+    report = Report(device.platform, args.json)
+    same = device.platform == "cpu"
+    report.emit(
+        "environment", True, device_kind=device.device_kind, devices=jax.device_count(),
+        memory_gib=round(limit / GiB, 1) if limit else None, host=platform.node(),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        python=platform.python_version(), jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        flax=flax.__version__, optax=optax.__version__,
+        reference="same device" if same else "cpu", budget_s=args.budget_s,
+    )  # fmt: skip
+    tiny = Tiny(models.get_config("tiny") if args.small else learner_bench.MODELS["tiny-qwen2"])
+    with jax.default_matmul_precision("highest"):
+        report.run("logits", check_logits, tiny, device, cpu)
+        report.run("sampler/greedy", check_sampler, tiny, device, cpu, True)
+        report.run("sampler/sampled", check_sampler, tiny, device, cpu, False)
+        report.run("learner", check_learner, tiny, device, cpu)
+        for attention in ("chunked", "dot_product"):
+            report.run(f"attention/{attention}", check_attention, tiny, device, attention)
+        if device.platform == "gpu":
+            report.run("attention/cudnn", check_cudnn, device, tiny.config)
+        report.run("bfloat16", check_bfloat16, tiny, device)
+    report.run(
+        "logits/default_precision",
+        lambda: _close(tiny.logits(device), tiny.logits(cpu), BF16_TOL) | {"tolerance": BF16_TOL},
+    )
+    measured = report.run("timing/matmul_peak", measure_peak, device, args.small)
+    peak_flops = measured["bf16_tflops"] * 1e12 if measured else 1e12
+    paper = Paper(args, device)
+    end = report.start + args.budget_s
+    left = end - time.monotonic()
+    learn_flops = lambda r: paper.flops(r)["train"] * 5 / 3  # + recomputation + reference
+    rows = plan_rows(args, "sampler", lambda r: paper.flops(r)["sample"], peak_flops, 0.4 * left)
+    report.progress(f"sampler: {rows} of {args.rows} rows")
+    report.run("timing/sampler", paper.sampler, rows, time.monotonic() + 0.4 * left)
+    rows = plan_rows(args, "learner", learn_flops, peak_flops, end - time.monotonic())
+    report.progress(f"learner: {rows} of {args.rows} rows")
+    report.run("timing/learner", paper.learner, rows, end)
+    report.emit(
+        "summary", not report.failed, failed=report.failed, elapsed_s=round(report.elapsed(), 1)
+    )
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
