@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -59,10 +60,12 @@ try:
     from rl_jax.learner import Learner, TrainBatch
     from rl_jax.models.attention import attend, attend_dot_product
 except ModuleNotFoundError as missing:
-    sys.exit(
+    print(
         f"error: the package {missing.name!r} is missing: install it (pip install -e . from the "
-        "repository root), or run with PYTHONPATH=<repository root> for rl_jax itself"
+        "repository root), or run with PYTHONPATH=<repository root> for rl_jax itself",
+        file=sys.stderr,
     )
+    sys.exit(2)
 
 GiB = 2**30
 # Dense bfloat16 FLOP/s per chip from the vendors' spec sheets (NVIDIA H200 / H100 / A100
@@ -93,6 +96,12 @@ TIE_TOL = 1e-3
 # bfloat16 keeps 8 significant bits (2^-9 relative rounding); over a few layers logits and
 # gradients move by a few percent of their largest value. cuDNN gets bfloat16 inputs too.
 BF16_TOL = 5e-2
+
+
+def fail(message: str):
+    """Bad input: one `error:` line, exit 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 class Report:
@@ -365,8 +374,11 @@ def published_peak(device) -> tuple[str, float] | tuple[None, None]:
     return None, None
 
 
-def memory_limit(device) -> int | None:
-    """Bytes the device can hold (`memory_stats()["bytes_limit"]`); None where not reported."""
+def memory_limit(device, memory_gib: float | None = None) -> int | None:
+    """Bytes the device can hold: `memory_gib` if given, else `memory_stats()["bytes_limit"]`;
+    None where neither says (a CPU)."""
+    if memory_gib:
+        return int(memory_gib * GiB)
     return (device.memory_stats() or {}).get("bytes_limit")
 
 
@@ -414,6 +426,7 @@ class Paper:
 
     def __init__(self, args, device):
         self.args, self.device = args, device
+        self.limit = memory_limit(device, args.memory_gib)
         self.config = models.get_config(
             args.model, dtype=scale.RECOMMENDED["dtype"], param_dtype="float32"
         )
@@ -432,11 +445,10 @@ class Paper:
         compiled = program(self.config, self.mesh, settings)
         compile_s = time.perf_counter() - start
         estimate = scale.report("", compiled, {}, top=1)["peak_bytes"]
-        limit = memory_limit(self.device)
-        if limit and estimate > limit:
+        if self.limit and estimate > self.limit:
             raise MemoryError(
                 f"the compiled program needs {estimate / GiB:.1f} GiB, the device holds "
-                f"{limit / GiB:.1f} GiB: pass a smaller --rows"
+                f"{self.limit / GiB:.1f} GiB: pass a smaller --rows"
             )
         return compiled, compile_s, estimate
 
@@ -458,6 +470,7 @@ class Paper:
             "micro_batches": settings.micro_batches, "dtype": settings.dtype,
             "remat": settings.remat, "attention": settings.attention,
             "logprob_chunk": settings.logprob_chunk, "compile_s": round(compile_s, 1),
+            "rows_note": "" if rows == self.args.rows else "fewer rows: the budget",
             "run_s": [round(t, 3) for t in times], "response_tokens_per_s": tokens / seconds,
             "tflops": flops / seconds / 1e12,
             "aot_peak_gib": round(estimate / GiB, 2),
@@ -509,9 +522,8 @@ class Paper:
 
 
 def measure_peak(device, small: bool) -> dict:
-    sizes = (256, 512) if small else (2048, 4096, 8192)
-    with jax.default_device(device):
-        gflops = {n: peak.jax_matmul_gflops(n, 5, jnp.bfloat16) for n in sizes}
+    sizes = (256,) if small else (2048, 4096, 8192)
+    gflops = {n: peak.jax_matmul_gflops(n, 5, jnp.bfloat16) for n in sizes}
     name, published = published_peak(device)
     result = {"bf16_tflops": max(gflops.values()) / 1e3, "sizes": list(sizes)}
     if published:
@@ -531,41 +543,54 @@ def parse_args(argv):
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--response-len", type=int, default=1024)
     parser.add_argument("--attention-chunk", type=int, default=256)
+    parser.add_argument(
+        "--memory-gib", type=float, help="the device's memory (default: what it reports)"
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.model, args.rows, args.prompt_len, args.response_len = "tiny", 16, 8, 16
         args.attention_chunk = 8
-    args.model = scale.resolve_model(args.model)
-    for name in ("rows", "prompt_len", "response_len", "attention_chunk"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.model = scale.resolve_model(args.model)
+    except SystemExit as error:
+        fail(str(error))
+    for name in ("rows", "prompt_len", "response_len", "attention_chunk", "budget_s"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.rows % 8:
-        parser.error(f"--rows must be whole groups of 8, got {args.rows}")
+        fail(f"--rows must be whole groups of 8, got {args.rows}")
     return args
 
 
-def pick_device(backend: str | None):
-    """The first device of `backend`; exit 2 naming what JAX finds when it has none."""
+def pick_devices(backend: str | None):
+    """(the first device of `backend`, the CPU device of the reference); exit 2 if absent."""
     try:
-        return jax.devices(backend)[0]
-    except RuntimeError as error:
+        device = jax.devices(backend)[0]
+    except RuntimeError:
         found = sorted({d.platform for d in jax.devices()})
-        sys.exit(
-            f"error: --backend {backend}: JAX finds no such device here (it finds {found}; "
-            f"{' '.join(str(error).split())[:120]}). On a TPU VM: pip install -e '.[tpu]'; on "
-            "NVIDIA GPUs: pip install -e '.[cuda]' (or '.[cuda13]')"
+        fail(
+            f"--backend {backend}: JAX finds no such device here, only {found}. On a TPU VM "
+            "install jax for TPUs first (pip install -e '.[tpu]'), on NVIDIA GPUs "
+            "pip install -e '.[cuda]' (or '.[cuda13]'); or leave --backend out"
+        )
+    try:
+        return device, jax.devices("cpu")[0]
+    except RuntimeError:
+        fail(
+            "the CPU reference needs JAX's cpu platform: unset JAX_PLATFORMS or add cpu to it "
+            f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r})"
         )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, cpu = pick_device(args.backend), jax.devices("cpu")[0]
+    device, cpu = pick_devices(args.backend)
     paper_config = models.get_config(args.model)
-    limit = memory_limit(device)
+    limit = memory_limit(device, args.memory_gib)
     need = static_bytes(paper_config, args.rows, args.prompt_len + args.response_len)
     if limit and need > limit:
-        sys.exit(
-            f"error: {args.model} at {args.rows} rows x ({args.prompt_len} + "
+        fail(
+            f"{args.model} at {args.rows} rows x ({args.prompt_len} + "
             f"{args.response_len}) needs more than {need / GiB:.1f} GiB on one device "
             f"(parameters, optimizer state, KV cache), the {device.device_kind} holds "
             f"{limit / GiB:.1f} GiB: pass a smaller --rows or --model"
@@ -580,7 +605,18 @@ def main(argv=None) -> int:
         jaxlib=jaxlib.__version__,
         flax=flax.__version__, optax=optax.__version__,
         reference="same device" if same else "cpu", budget_s=args.budget_s,
+        note="a CPU backend: the numerics compare the CPU with itself" if same else "",
     )  # fmt: skip
+    with jax.default_device(device):
+        run_checks(args, report, device, cpu)
+    report.emit(
+        "summary", not report.failed, failed=report.failed, elapsed_s=round(report.elapsed(), 1)
+    )
+    return 1 if report.failed else 0
+
+
+def run_checks(args, report: Report, device, cpu) -> None:
+    """The numerics, then the timings within what is left of `--budget-s`."""
     tiny = Tiny(models.get_config("tiny") if args.small else learner_bench.MODELS["tiny-qwen2"])
     with jax.default_matmul_precision("highest"):
         report.run("logits", check_logits, tiny, device, cpu)
@@ -598,7 +634,18 @@ def main(argv=None) -> int:
     )
     measured = report.run("timing/matmul_peak", measure_peak, device, args.small)
     peak_flops = measured["bf16_tflops"] * 1e12 if measured else 1e12
-    paper = Paper(args, device)
+    made = {}
+
+    def setup():
+        start = time.perf_counter()
+        made["paper"] = paper = Paper(args, device)
+        seconds = time.perf_counter() - start
+        return {"model": args.model, "params_b": paper.config.num_params / 1e9, "init_s": seconds,
+                "ok": True}  # fmt: skip
+
+    if report.run("timing/setup", setup) is None:
+        return
+    paper = made["paper"]
     end = report.start + args.budget_s
     left = end - time.monotonic()
     learn_flops = lambda r: paper.flops(r)["train"] * 5 / 3  # + recomputation + reference
@@ -608,10 +655,6 @@ def main(argv=None) -> int:
     rows = plan_rows(args, "learner", learn_flops, peak_flops, end - time.monotonic())
     report.progress(f"learner: {rows} of {args.rows} rows")
     report.run("timing/learner", paper.learner, rows, end)
-    report.emit(
-        "summary", not report.failed, failed=report.failed, elapsed_s=round(report.elapsed(), 1)
-    )
-    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
