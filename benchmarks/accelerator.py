@@ -3,29 +3,35 @@
     PYTHONPATH=. python3 benchmarks/accelerator.py --json        # one device, ~8 minutes
     python benchmarks/accelerator.py --small --json              # tiny shapes: the CPU test
 
-Numerics, float32 (matmuls at `highest` precision), a tiny random model, one device:
+Numerics (`accelerator_numerics.py`), float32 with matmuls at `highest` precision, a tiny
+random model (the `tiny-qwen2` shape; `tiny` with --small), one device:
 - `logits`, `sampler/greedy`, `sampler/sampled` (a fixed key), `learner` (loss, metrics and
-  every gradient of one `Learner.update`) on the device against the same programs run on the
-  CPU backend. On a CPU backend both sides are the CPU: the check runs (it is the CI test) and
-  says `reference: "same device"`. `logits/default_precision`: the device's default matmul
-  precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs) against the CPU.
-- `attention/chunked`, `attention/dot_product`: hidden states and learner gradients against
-  `attention=xla` on the device; on a GPU `attention/cudnn`: `jax.nn.dot_product_attention(
+  every gradient of one `Learner.update`): the device against the same programs on the CPU
+  backend. On a CPU backend both sides are the CPU: the checks still run (the CI test) and the
+  `environment` line says `reference: "same device"`. `logits/default_precision`: the device's
+  default matmul precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs) against the CPU.
+- `attention/chunked`, `attention/dot_product`: hidden states, loss and gradients against
+  `attention=xla` on the device; on a GPU also `attention/cudnn`: `jax.nn.dot_product_attention(
   implementation="cudnn")` in bfloat16 against `attend`, and whether rl_jax's `dot_product`
-  path lowers to cuDNN there.
-- `bfloat16`: bfloat16 compute (float32 parameters) against float32.
-Timings, random weights, the paper's GSM8K step (Qwen2.5-1.5B, rows x (256 + 1024), the
-memory settings `benchmarks/scale.py` recommends): `matmul_peak` (measured bfloat16),
-`sampler` and `learner`: compile seconds, response tokens/s, MFU = useful FLOPs
-(`peak.sequence_flops`: the learner's 3x forward, without the recomputed and the reference
-forward) / seconds / the device's published dense bfloat16 peak (`PUBLISHED_PEAKS`), device
-peak memory (`memory_stats`) next to the compiled program's own estimate (`scale.report`).
-Rows: `--rows` (768), halved until the phase's estimate fits its share of `--budget-s`.
+  path (implementation=None) lowers to cuDNN's fused kernel there.
+- `bfloat16`: bfloat16 compute (the same float32 parameters) against float32.
+Timings (`timing/...`), random weights, the paper's GSM8K step (Qwen2.5-1.5B, rows x (256 +
+1024)) with the memory settings `benchmarks/scale.py` recommends (bfloat16 compute, float32
+master weights, remat=full, attention=chunked, logprob_chunk=128, its micro-batches per row):
+`matmul_peak` (measured, bfloat16); `sampler` and `learner`: compile seconds, seconds per call,
+response tokens/s, MFU = useful FLOPs (`peak.sequence_flops`; the learner's is 3x a forward, so
+its recomputed and reference forwards are not counted) / seconds / the device's published
+dense bfloat16 peak (`PUBLISHED_PEAKS`; omitted, with a note, for other devices), and the
+process's peak device memory so far (`memory_stats()` has no reset: the learner's line covers
+both phases) next to the compiled program's own estimate (`scale.report`). Rows: `--rows`
+(768), halved until the phase's estimate fits its share of `--budget-s`; each line says how many.
 
 Each check prints one line (`--json`: a JSON object with backend, check, ok and numbers;
-progress goes to stderr); a check that raises is `ok: false` with its error and the run goes
-on. Bad input (an absent backend, shapes the device cannot hold, a missing package) is one
-`error:` line and exit 2 before anything compiles. Exit 1 if a check failed.
+progress and tracebacks go to stderr); a check that raises is `ok: false` with its error and
+the run goes on. Bad input (an absent backend, shapes the device cannot hold, a missing
+package) is one `error:` line and exit 2 before anything compiles. Exit 1 if a check failed.
+Public, stable JAX APIs only (`jax.devices`, `jit(...).lower(...).compile()`,
+`memory_analysis()`, `memory_stats()`, `default_device`, `default_matmul_precision`).
 """
 
 from __future__ import annotations
