@@ -228,7 +228,7 @@ class Paper:
             times.append(time.perf_counter() - start)
         return times
 
-    def _result(self, phase, rows, settings, compile_s, estimate, times, tokens, flops) -> dict:
+    def _result(self, rows, settings, compile_s, estimate, times, tokens, flops) -> dict:
         seconds = times[-1]
         stats = self.device.memory_stats() or {}
         result = {
@@ -239,7 +239,7 @@ class Paper:
             "logprob_chunk": settings.logprob_chunk, "compile_s": round(compile_s, 1),
             "rows_note": "" if rows == self.args.rows else "fewer rows: the budget",
             "run_s": [round(t, 3) for t in times], "response_tokens_per_s": tokens / seconds,
-            "tflops": flops / seconds / 1e12,
+            "tflops": round(flops / seconds / 1e12, 3),
             "aot_peak_gib": round(estimate / GiB, 2),
             "device_peak_gib": round(stats["peak_bytes_in_use"] / GiB, 2)
             if "peak_bytes_in_use" in stats else None,
@@ -266,7 +266,7 @@ class Paper:
         times = self._timed(run, deadline)
         generated = float(np.asarray(out[-1].response_mask).sum())
         flops = self.flops(rows)["sample"]
-        return self._result("sampler", rows, settings, compile_s, estimate, times, generated, flops)
+        return self._result(rows, settings, compile_s, estimate, times, generated, flops)
 
     def learner(self, rows: int, deadline: float) -> dict:
         settings = paper_settings(self.args, rows)
@@ -285,7 +285,7 @@ class Paper:
         times = self._timed(run, deadline)
         tokens = rows * a.response_len
         flops = self.flops(rows)["train"]
-        return self._result("learner", rows, settings, compile_s, estimate, times, tokens, flops)
+        return self._result(rows, settings, compile_s, estimate, times, tokens, flops)
 
 
 def measure_peak(device, small: bool) -> dict:
@@ -412,14 +412,19 @@ def run_checks(args, report: Report, device, cpu) -> None:
         return
     paper = made["paper"]
     end = report.start + args.budget_s
-    left = end - time.monotonic()
-    learn_flops = lambda r: paper.flops(r)["train"] * 5 / 3  # + recomputation + reference
-    rows = plan_rows(args, "sampler", lambda r: paper.flops(r)["sample"], peak_flops, 0.4 * left)
-    report.progress(f"sampler: {rows} of {args.rows} rows")
-    report.run("timing/sampler", paper.sampler, rows, time.monotonic() + 0.4 * left)
-    rows = plan_rows(args, "learner", learn_flops, peak_flops, end - time.monotonic())
-    report.progress(f"learner: {rows} of {args.rows} rows")
-    report.run("timing/learner", paper.learner, rows, end)
+    phases = (
+        ("sampler", paper.sampler, lambda r: paper.flops(r)["sample"], 0.4),
+        # + the recomputed and the reference forward: 5 forwards' worth of work
+        ("learner", paper.learner, lambda r: paper.flops(r)["train"] * 5 / 3, 1.0),
+    )
+    for phase, measure, flops, share in phases:  # share: of the seconds left
+        share_s = share * (end - time.monotonic())
+        if end - time.monotonic() < PLAN_COMPILE_S:
+            report.emit(f"timing/{phase}", False, error="the budget is spent: raise --budget-s")
+            continue
+        rows = plan_rows(args, phase, flops, peak_flops, share_s)
+        report.progress(f"{phase}: {rows} of {args.rows} rows")
+        report.run(f"timing/{phase}", measure, rows, time.monotonic() + share_s)
 
 
 if __name__ == "__main__":
