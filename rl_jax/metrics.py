@@ -175,7 +175,7 @@ def _import_tensorboardx():
     except ModuleNotFoundError as error:
         raise ImportError(
             f"TensorBoard logging needs tensorboardX ({error}): pip install 'tensorboardX>=2.6' "
-            "(a requirement of rl_jax), or pass tensorboard=False"
+            "(a requirement of rl_jax; MetricsWriter(tensorboard=False) logs without it)"
         ) from error
     finally:
         if blocked:
