@@ -43,6 +43,19 @@ def test_the_blocked_modules_cannot_be_imported(tmp_path):
     assert result.returncode == 1 and "ModuleNotFoundError" in result.stderr
 
 
+def test_every_module_imports_without_them_but_the_data_builder(tmp_path):
+    """math-verify and tensorboardX are imported where they are used, not at import time;
+    only the GSM8K data builder needs tensorflow-datasets to import (the 'data' extra)."""
+    code = (
+        "import importlib, pkgutil, rl_jax\n"
+        "for module in pkgutil.walk_packages(rl_jax.__path__, 'rl_jax.'):\n"
+        "    if module.name != 'rl_jax.tasks.gsm8k_builder':\n"
+        "        importlib.import_module(module.name)\n"
+    )
+    result = run(tmp_path, code=code)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_small_run_passes_every_check_without_the_packages_the_gpu_image_lacks(tmp_path):
     result = run(tmp_path, "--small", "--json")
