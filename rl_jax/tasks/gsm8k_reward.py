@@ -33,9 +33,9 @@ Format: the response must *end* (up to whitespace) with ``<think>X</think>``, op
 authors' pattern uses ``re.MULTILINE``, so its ``$`` also accepts text after ``</answer>`` as long
 as a line break follows the tag.
 
-Any completion string gives a reward and never raises; only a malformed gold answer raises.
-math-verify (and its sympy) is imported on first use, so the rest of rl_jax runs without it
-(the accelerator image has neither); `import_math_verify` says what to install.
+Any completion string gives a reward and never raises; only a malformed gold answer raises, or
+a missing math-verify: it (and its sympy) is imported on first use, so the rest of rl_jax runs
+without it (the lent GPU machines' image lacks it), and `import_math_verify` names the package.
 """
 
 from __future__ import annotations
