@@ -35,10 +35,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def jax_matmul_gflops(n: int, repeats: int = 7) -> float:
-    """Median GFLOP/s of an [n, n] @ [n, n] float32 matmul under jax.jit."""
+def jax_matmul_gflops(n: int, repeats: int = 7, dtype=jnp.float32) -> float:
+    """Median GFLOP/s of an [n, n] @ [n, n] matmul in `dtype` under jax.jit."""
     rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32)) for _ in range(2))
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32), dtype) for _ in range(2))
     matmul = jax.jit(jnp.matmul)
     seconds = _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
     return 2 * n**3 / seconds / 1e9

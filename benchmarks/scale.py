@@ -134,14 +134,19 @@ def report(program: str, compiled, info: dict, top: int) -> dict:
     }
 
 
-def learner_program(config, mesh, args):
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
-    params = abstract(params, parallel.param_shardings(params, mesh))
-    learner = Learner(
+def paper_learner(graphdef, args) -> Learner:
+    """The learner of the paper's step (grpo, group 8) with the memory settings of `args`."""
+    return Learner(
         graphdef, algorithms.get("grpo"), group_size=8, micro_batches=args.micro_batches,
         ref_metrics=args.ref_metrics, logprob_chunk=args.logprob_chunk,
         memory=MemoryOptions(args.remat, args.attention, args.attention_chunk),
     )  # fmt: skip
+
+
+def learner_program(config, mesh, args):
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    params = abstract(params, parallel.param_shardings(params, mesh))
+    learner = paper_learner(graphdef, args)
     state = abstract(jax.eval_shape(learner.init, params), state_shardings(learner.tx, params))
     rows, prompt, response = args.rows, args.prompt_len, args.response_len
     batch_sharding = parallel.batch_sharding(mesh)

@@ -162,19 +162,24 @@ def _truncate_after(path: pathlib.Path, resume_step: int) -> None:
 
 
 def _import_tensorboardx():
-    """Import tensorboardX without torch when torch is not loaded yet.
+    """Import tensorboardX without torch when torch is not loaded yet; ImportError naming the
+    package when it is missing (it is imported only here, so the rest of rl_jax runs without it).
 
     tensorboardX imports torch (3-6 s here) only to recognise torch tensors; we log floats.
     """
-    if "torch" in sys.modules:
-        import tensorboardX
-
-        return tensorboardX
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX
     try:
         import tensorboardX
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            f"TensorBoard logging needs tensorboardX ({error}): pip install 'tensorboardX>=2.6' "
+            "(a requirement of rl_jax; MetricsWriter(tensorboard=False) logs without it)"
+        ) from error
     finally:
-        del sys.modules["torch"]
+        if blocked:
+            del sys.modules["torch"]
     return tensorboardX
 
 
@@ -215,6 +220,7 @@ class MetricsWriter:
         self.out_dir = pathlib.Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
         check_complete(self.path, resume_step)
+        tensorboardx = _import_tensorboardx() if tensorboard else None  # before any file changes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.log_every = log_every
@@ -223,9 +229,9 @@ class MetricsWriter:
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a")
         self._tensorboard = None
-        if tensorboard:
+        if tensorboardx is not None:
             # TensorBoard drops the events of earlier writers at steps >= purge_step.
-            self._tensorboard = _import_tensorboardx().SummaryWriter(
+            self._tensorboard = tensorboardx.SummaryWriter(
                 str(self.out_dir / TENSORBOARD_DIR),
                 purge_step=resume_step + 1 if resume_step > 0 else 0,
                 flush_secs=10,

@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     created = run_dir.created_root(config.out_dir)
     try:
         result = train(config)
-    except (ValueError, OSError, guards.NonFiniteError, CheckpointSaveError) as err:
+    except (ValueError, OSError, ImportError, guards.NonFiniteError, CheckpointSaveError) as err:
         run_dir.remove_if_no_output(created, config)
         return _report(err)
     if not result.metrics:

@@ -3,6 +3,7 @@ score; expected verdicts are written by hand."""
 
 import json
 import pathlib
+import sys
 import threading
 import time
 
@@ -184,3 +185,17 @@ def test_garbage_never_raises(completion, gold):
     config = reward_lib.RewardConfig(timeout_seconds=1)
     value = reward_lib.reward(completion, f"#### {gold}", config)
     assert any(value == pytest.approx(r) for r in (1.1, 0.9, 0.1, -0.1))
+
+
+def test_missing_math_verify_is_one_clear_error(monkeypatch):
+    """math-verify is imported on first use (the accelerator image has none); without it the
+    reward names the package to install, while the parts that do not need it still work."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    with pytest.raises(ImportError, match=r"needs math-verify .* pip install"):
+        reward_lib.reward(_formatted("2+2", "4"), "#### 4")
+    assert reward_lib.format_score(_formatted("2+2", "4")) == 1.0
+    assert reward_lib.number_matches("4", reward_lib.gold_number("#### 4"))
+    from rl_jax.tasks.gsm8k import GSM8KTask
+
+    with pytest.raises(ImportError, match="needs math-verify"):  # before any data is read
+        GSM8KTask(tokenizer="no/such/tokenizer.json", data_dir="no/such/dir")

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import struct
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +178,12 @@ def test_tensorboard_scalars_and_purge_step_on_resume(tmp_path):
     assert scalars[0] == (3, "reward/mean", 0.5)
     assert scalars[1][:2] == (3, "kl/ref") and math.isnan(scalars[1][2])
     assert purges == [3]  # events of earlier runs at steps >= 3 are discarded
+
+
+def test_missing_tensorboardx_is_one_clear_error_before_any_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as on an image without it
+    with pytest.raises(ImportError, match=r"needs tensorboardX .* pip install"):
+        MetricsWriter(tmp_path / "run", 3, progress=False)
+    assert not (tmp_path / "run").exists()
+    with MetricsWriter(tmp_path / "run", 3, tensorboard=False, progress=False) as writer:
+        writer.write(1, _step_metrics(1))

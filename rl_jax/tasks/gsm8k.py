@@ -18,7 +18,7 @@ import numpy as np
 
 from rl_jax import cache
 from rl_jax.tasks.base import Example
-from rl_jax.tasks.gsm8k_reward import TIMEOUT_SECONDS, RewardConfig, reward
+from rl_jax.tasks.gsm8k_reward import TIMEOUT_SECONDS, RewardConfig, import_math_verify, reward
 
 if TYPE_CHECKING:
     from rl_jax.tasks.gsm8k_builder import GSM8KExample
@@ -146,6 +146,7 @@ class GSM8KTask:
         if isinstance(tokenizer, str | os.PathLike):
             options["tokenizer"], tokenizer = os.fspath(tokenizer), None
         self.config = dataclasses.replace(config or GSM8KConfig(), **options)
+        import_math_verify()  # the reward's package, checked before any data is read
         if tokenizer is None:
             if self.config.tokenizer is None:
                 raise ValueError(

@@ -33,7 +33,9 @@ Format: the response must *end* (up to whitespace) with ``<think>X</think>``, op
 authors' pattern uses ``re.MULTILINE``, so its ``$`` also accepts text after ``</answer>`` as long
 as a line break follows the tag.
 
-Any completion string gives a reward and never raises; only a malformed gold answer raises.
+Any completion string gives a reward and never raises; only a malformed gold answer raises, or
+a missing math-verify: it (and its sympy) is imported on first use, so the rest of rl_jax runs
+without it (the lent GPU machines' image lacks it), and `import_math_verify` names the package.
 """
 
 from __future__ import annotations
@@ -45,9 +47,6 @@ import math
 import re
 import threading
 import warnings
-
-import math_verify
-import sympy
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -66,6 +65,18 @@ _NUMBER = re.compile(
 # math-verify logs every timeout and unparsable string at WARNING/DEBUG; a policy in training
 # produces thousands of them. Its one-time "timeout disabled" warning is ours to give.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def import_math_verify():
+    """The math_verify module; ImportError naming the package to install when it is missing."""
+    try:
+        import math_verify
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            f"the GSM8K reward needs math-verify ({error}): "
+            "pip install 'math-verify>=0.9,<0.10' (a requirement of rl_jax)"
+        ) from error
+    return math_verify
 
 
 def _numbers(text: str) -> list[decimal.Decimal]:
@@ -133,6 +144,9 @@ def math_verify_matches(
             )
             _warned_thread = True
         return None
+    math_verify = import_math_verify()
+    import sympy  # a dependency of math-verify
+
     parsed = math_verify.parse(block, parsing_timeout=timeout_seconds)
     if not parsed:
         return None
