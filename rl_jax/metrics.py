@@ -174,8 +174,8 @@ def _import_tensorboardx():
         import tensorboardX
     except ModuleNotFoundError as error:
         raise ImportError(
-            f"TensorBoard logging needs tensorboardX ({error}): pip install 'tensorboardX>=2.6' "
-            "(a requirement of rl_jax; MetricsWriter(tensorboard=False) logs without it)"
+            f"TensorBoard events need tensorboardX ({error}): pip install 'tensorboardX>=2.6' "
+            "(a requirement of rl_jax)"
         ) from error
     finally:
         if blocked:
@@ -220,7 +220,12 @@ class MetricsWriter:
         self.out_dir = pathlib.Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
         check_complete(self.path, resume_step)
-        tensorboardx = _import_tensorboardx() if tensorboard else None  # before any file changes
+        tensorboardx = None
+        if tensorboard:
+            try:
+                tensorboardx = _import_tensorboardx()
+            except ImportError as error:  # e.g. an accelerator image without it: keep training
+                print(f"warning: {error}; writing {METRICS_FILE} only", file=sys.stderr)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.log_every = log_every
