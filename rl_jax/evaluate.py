@@ -103,14 +103,15 @@ def _generate(graphdef, sampling, mesh, params, root, indices, tokens, mask):
     return generate_rows(graphdef, params, 0, keys, tokens, mask, sampling, mesh)
 
 
-def evaluate_run(saved: saved_run.SavedRun, index: int, examples, samples: int, sampling) -> dict:
-    """The metrics of run `index` of `saved` on `examples`, `samples` responses to each."""
+def sample(saved: saved_run.SavedRun, index: int, examples, samples: int, sampling):
+    """(`[n * K, N]` response token ids, `[n * K]` lengths) of run `index`: K = `samples`
+    responses to each of the n `examples`, prompt-major (row r answers prompt r // K)."""
     run, config = saved.run, saved.files.config
     tokens, mask = run.tokenizer.encode_batch(
         [ex.prompt for ex in examples], length=run.task.max_prompt_len, add_bos=True
     )
     n = len(examples)
-    per_call = max(1, config.prompts_per_step * config.group_size // samples)
+    per_call = min(n, max(1, config.prompts_per_step * config.group_size // samples))
     mesh = saved.mesh if per_call * samples % saved.mesh.size == 0 else None
     sharding = parallel.replicated(saved.mesh) if mesh is None else parallel.rows_sharding(mesh, 0)
     put = lambda x: parallel.from_host(x, sharding)
@@ -130,14 +131,19 @@ def evaluate_run(saved: saved_run.SavedRun, index: int, examples, samples: int, 
         )
         response_tokens.append(host_tokens[:kept])
         lengths.append(host_lengths[:kept])
-    texts = run.tokenizer.decode_batch(np.concatenate(response_tokens))
+    return np.concatenate(response_tokens), np.concatenate(lengths)
+
+
+def evaluate_run(saved: saved_run.SavedRun, index: int, examples, samples: int, sampling) -> dict:
+    """The metrics of run `index` of `saved` on `examples`, `samples` responses to each."""
+    run = saved.run
+    tokens, lengths = sample(saved, index, examples, samples, sampling)
+    texts = run.tokenizer.decode_batch(tokens)
     pairs = list(zip(texts, [ex for ex in examples for _ in range(samples)], strict=True))
     rewards = np.asarray([run.task.reward(text, ex) for text, ex in pairs], np.float64)
     correct = np.asarray([run.task.correct(text, ex) for text, ex in pairs], bool)
-    shape = (n, samples)
-    return run_metrics(
-        rewards.reshape(shape), correct.reshape(shape), np.concatenate(lengths).reshape(shape)
-    )
+    shape = (len(examples), samples)
+    return run_metrics(rewards.reshape(shape), correct.reshape(shape), lengths.reshape(shape))
 
 
 def evaluate(

@@ -5,7 +5,7 @@ from.
     saved = saved_run.load(files)                # the run's parts and its restored state
 
 `RUN_DIR` is a run's `out_dir` (`rl_jax.run_dir`): `config.json` and `checkpoints/<step>/`, or,
-for `num_seeds` > 1, the parent of its `seed_<s>/` runs. `find` reads the config and lists the
+for `num_seeds` > 1, the parent of its `seed_<s>/` runs (each a complete run directory). `find` reads the config and lists the
 checkpoint steps every run has; `load` rebuilds the run (`build.build_run`, `train.make_step`)
 and restores each run's `RunState` of that step, as a resumed training run does, but read-only:
 nothing in the directory is created, removed or written, so it may read a run that is still
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ class RunInputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunFiles:
-    """A run directory found usable: its config, each run's (seed, directory) and the step."""
+    """A run directory found usable: the (first) run's config, each run's (seed, directory) and
+    the checkpoint step they all have."""
 
     directory: pathlib.Path
     config: config_lib.TrainConfig
@@ -72,7 +74,7 @@ def read_config(directory: str | pathlib.Path) -> config_lib.TrainConfig:
     if not path.is_file():
         raise RunInputError(
             f"{directory} is not a run directory: it has no {run_dir.CONFIG_FILE} (a run's "
-            "--out directory has one)"
+            "--out directory has one, or seed_<s>/ runs that do)"
         )
     try:
         return config_lib.build(str(path))
@@ -81,17 +83,30 @@ def read_config(directory: str | pathlib.Path) -> config_lib.TrainConfig:
         raise RunInputError(f"cannot read the run's config {path}: {message}") from error
 
 
+def seed_runs(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """(seed, path) of the `seed_<s>/` runs a `num_seeds` run wrote in `directory`, by seed."""
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(path.name.removeprefix("seed_")), path)
+        for path in directory.iterdir()
+        if re.fullmatch(r"seed_\d+", path.name) and (path / run_dir.CONFIG_FILE).is_file()
+    ]
+    return sorted(found)
+
+
 def find(directory: str | pathlib.Path, step: int | None = None) -> RunFiles:
     """The config, runs and checkpoint step (`step`, else the newest every run has) of the run
-    in `directory`. Reads files only; RunInputError names what is missing and what exists."""
+    in `directory`: one run, or the `seed_<s>/` runs of a `num_seeds` run. Reads files only;
+    RunInputError names what is missing and what exists."""
     directory = pathlib.Path(directory)
-    config = read_config(directory)
-    if config.num_seeds == 1:
+    seeds = [] if (directory / run_dir.CONFIG_FILE).exists() else seed_runs(directory)
+    if seeds:  # each seed's run is a complete run; they differ in the seed only
+        config = read_config(seeds[0][1])
+        runs = tuple(seeds)
+    else:
+        config = read_config(directory)
         runs = ((config.seed, directory),)
-    else:  # each seed's run lives in the directory named as its out_dir is
-        runs = tuple(
-            (single.seed, directory / pathlib.Path(single.out_dir).name) for single in config.runs()
-        )
     steps = [checkpoint.finished_steps(path / run_dir.CHECKPOINT_DIR) for _, path in runs]
     common = sorted(set.intersection(*map(set, steps)))
     if not any(steps):
