@@ -128,17 +128,22 @@ class CharTokenizer(_BatchMixin):
 
     def save(self, directory: str | pathlib.Path) -> None:
         """Writes `tokenizer.json` and `tokenizer_config.json` with this tokenizer's ids, which
-        `tokenizers` and transformers (`PreTrainedTokenizerFast`) load: one token per character
-        (a WordLevel vocabulary over single characters), `<pad>` `<bos>` `<eos>` at 0 1 2, BOS
-        prepended to every encoded text (as rl_jax encodes prompts), decoding without spaces.
-        A character outside the alphabet fails to encode, as it does here."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        `tokenizers` and transformers load: `<pad>` `<bos>` `<eos>` at 0 1 2, BOS prepended to
+        every encoded text (as rl_jax encodes prompts), one token per character.
 
-        directory = pathlib.Path(directory)
-        vocab = {**{name: i for i, name in _SPECIAL_NAMES.items()}, **self._char_to_id}
-        hf = tokenizers.Tokenizer(models.WordLevel(vocab))  # no unknown token
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        hf.decoder = decoders.Fuse()
+        The characters are spelled as byte-level BPE symbols (space as "Ġ", newline as "Ċ") in a
+        BPE model without merges: transformers loads a Qwen2 model directory's tokenizer as
+        `Qwen2Tokenizer` whatever tokenizer_config.json says, which rebuilds exactly this
+        pipeline from the vocabulary. Characters outside the alphabet encode to nothing.
+        """
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+        byte_level = _bytes_to_unicode()
+        vocab = {name: i for i, name in _SPECIAL_NAMES.items()}
+        vocab.update({byte_level[ord(c)]: i for c, i in self._char_to_id.items()})
+        hf = tokenizers.Tokenizer(models.BPE(vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
         hf.add_special_tokens(
             [AddedToken(name, special=True, normalized=False) for name in _SPECIAL_NAMES.values()]
         )
@@ -146,15 +151,25 @@ class CharTokenizer(_BatchMixin):
         hf.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, BOS_ID)]
         )
+        directory = pathlib.Path(directory)
         hf.save(str(directory / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": bos,
             "eos_token": _SPECIAL_NAMES[EOS_ID],
             "pad_token": _SPECIAL_NAMES[PAD_ID],
+            "add_bos_token": True,
             "padding_side": "left",
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte b -> the printable character byte-level BPE spells it
+    with (printable Latin-1 bytes as themselves, the others from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
 def _special_token_from_config(config: dict, key: str) -> str | None:
