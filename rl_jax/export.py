@@ -32,7 +32,7 @@ import sys
 
 from flax import nnx
 
-from rl_jax import host_memory, models, saved_run
+from rl_jax import host_memory, models, run_dir, saved_run
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -85,6 +85,7 @@ def export(saved: saved_run.SavedRun, out: str | os.PathLike, dtype: str | None 
     check_out_dir(out)
     one_run(saved.files)
     dtype = dtype or saved.files.config.param_dtype
+    created = run_dir.created_root(out.parent)  # removed again if the export fails
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -93,8 +94,9 @@ def export(saved: saved_run.SavedRun, out: str | os.PathLike, dtype: str | None 
         if out.exists():
             out.rmdir()  # empty (checked above)
         partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(created or partial, ignore_errors=True)
+        raise
 
 
 def main(argv=None) -> int:

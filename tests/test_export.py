@@ -137,6 +137,8 @@ def test_a_failed_export_leaves_nothing(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(saved.run.tokenizer, "save", fail)
     with pytest.raises(OSError, match="disk full"):
         export.export(saved, tmp_path / "out")
+    with pytest.raises(OSError, match="disk full"):
+        export.export(saved, tmp_path / "new" / "dirs" / "out")
     assert list(tmp_path.iterdir()) == []
 
 
