@@ -175,12 +175,13 @@ def _loose(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, field: str = "name") -> str:
     """The preset `name` stands for: itself, or the one equal to it ignoring case and
     punctuation (``REC-OneSide-NoIS``, ``rec_oneside_nois`` -> ``rec-oneside-nois``).
 
     Raises:
-      ValueError: no preset matches; the message lists them and suggests the closest.
+      ValueError: no preset matches; the message names `field`, lists the presets and
+        suggests the closest.
     """
     if name in PRESETS:
         return name
@@ -189,7 +190,7 @@ def canonical_name(name: str) -> str:
             if _loose(preset) == _loose(name):
                 return preset
     hint = did_you_mean(name, PRESETS, key=_loose) if isinstance(name, str) else ""
-    raise ValueError(f"name must be one of {names()}, got {name!r}{hint}")
+    raise ValueError(f"{field} must be one of {names()}, got {name!r}{hint}")
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:

@@ -102,5 +102,7 @@ def test_names_ignore_case_and_punctuation_and_suggest_the_closest():
         algorithms.get("REC-OneSide-NoIs2")
     with pytest.raises(ValueError, match=r"got 'ppo'$"):  # nothing close
         algorithms.get("ppo")
+    with pytest.raises(ValueError, match=r"^algorithm must be one of .* \(did you mean 'grpo'"):
+        algorithms.canonical_name("GRP0", field="algorithm")
     with pytest.raises(ValueError, match=r"\['eps_hgh'\] \(did you mean 'eps_high'"):
         algorithms.get("grpo", eps_hgh=0.3)
