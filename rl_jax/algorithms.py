@@ -6,15 +6,29 @@ ring eps' = (0.6, 2.0), temp 1, no regulariser, token-mean, no std normalisation
 
     algo = algorithms.get("rec-oneside-nois", eps_high=0.28)
     loss, metrics = losses.policy_loss(logp, behaviour_logp, adv, mask, algo.loss)
+
+Names are matched ignoring case and punctuation (`canonical_name`: the paper's figures spell
+``REC-OneSide-NoIS``); an unknown name or field is refused with the closest ones suggested.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from types import MappingProxyType
 
-__all__ = ["PRESETS", "AdvantageConfig", "Algorithm", "LossConfig", "get", "names"]
+__all__ = [
+    "PRESETS",
+    "AdvantageConfig",
+    "Algorithm",
+    "LossConfig",
+    "canonical_name",
+    "did_you_mean",
+    "get",
+    "names",
+]
 
 DROP_MODES = ("none", "balance")
 
@@ -146,11 +160,46 @@ _ADVANTAGE_FIELDS = tuple(f.name for f in dataclasses.fields(AdvantageConfig))
 _LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossConfig))
 
 
+def did_you_mean(word: str, choices, key=lambda text: text) -> str:
+    """ "; did you mean 'x'?" naming the choices closest to `word` (difflib's ratio >= 0.6,
+    compared through `key`), or "" when none is close."""
+    by_key = {key(choice): choice for choice in choices}
+    close = difflib.get_close_matches(key(word), list(by_key), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(by_key[c]) for c in close)}?)"
+
+
+def _loose(name: str) -> str:
+    """`name` lower-cased, with everything but letters and digits dropped."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def canonical_name(name: str, field: str = "name") -> str:
+    """The preset `name` stands for: itself, or the one equal to it ignoring case and
+    punctuation (``REC-OneSide-NoIS``, ``rec_oneside_nois`` -> ``rec-oneside-nois``).
+
+    Raises:
+      ValueError: no preset matches; the message names `field`, lists the presets and
+        suggests the closest.
+    """
+    if name in PRESETS:
+        return name
+    if isinstance(name, str):
+        for preset in PRESETS:
+            if _loose(preset) == _loose(name):
+                return preset
+    hint = did_you_mean(name, PRESETS, key=_loose) if isinstance(name, str) else ""
+    raise ValueError(f"{field} must be one of {names()}, got {name!r}{hint}")
+
+
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
     unknown = sorted(set(overrides) - set(_ADVANTAGE_FIELDS) - set(_LOSS_FIELDS))
     if unknown:
+        allowed = _ADVANTAGE_FIELDS + _LOSS_FIELDS
         raise ValueError(
-            f"unknown override field(s) {unknown}; allowed: {_ADVANTAGE_FIELDS + _LOSS_FIELDS}"
+            f"unknown override field(s) {unknown}{did_you_mean(unknown[0], allowed)}; "
+            f"allowed: {allowed}"
         )
     advantage = {k: v for k, v in overrides.items() if k in _ADVANTAGE_FIELDS}
     loss = {k: v for k, v in overrides.items() if k in _LOSS_FIELDS}
@@ -181,8 +230,8 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str, **overrides) -> Algorithm:
-    """The preset ``name`` (see ``PRESETS``), with optional field overrides, e.g. ``eps_high=0.28``."""
-    if name not in PRESETS:
-        raise ValueError(f"name must be one of {names()}, got {name!r}")
+    """The preset ``name`` (see ``PRESETS``; any case and punctuation, `canonical_name`), with
+    optional field overrides, e.g. ``eps_high=0.28``."""
+    name = canonical_name(name)
     advantage, loss = _split_overrides({**PRESETS[name], **overrides})
     return Algorithm(name=name, advantage=AdvantageConfig(**advantage), loss=LossConfig(**loss))

@@ -208,9 +208,18 @@ class Checkpointer:
       directory: where step directories live; created if missing.
       save_every: checkpoint interval in learner steps (>= 1).
       keep: number of most recent checkpoints kept on disk (>= 1).
+      read_only: only restore; nothing is created, removed or written (`rl_jax.evaluate` and
+        `rl_jax.export` read checkpoints of runs that may still be training).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int,
+        keep: int = 3,
+        read_only: bool = False,
+    ):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if keep < 1:
@@ -218,18 +227,32 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.save_every = save_every
         self.keep = keep
-        # Listed before the manager starts, which removes them in the background.
-        self._interrupted = _interrupted_saves(self.directory)
+        # Listed before the manager starts, which removes them in the background (read-only: a
+        # temporary directory may be a save in progress, and stays).
+        self._interrupted = [] if read_only else _interrupted_saves(self.directory)
         self._unusable: set[int] = set()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
-        )
+        if read_only:  # orbax's read-only mode: no directory created, nothing cleaned up
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, max_to_keep=None, save_interval_steps=0, create=False,
+                cleanup_tmp_directories=False, enable_async_checkpointing=False,
+            )  # fmt: skip
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # orbax warns that the directory is read-only, which is what we asked for
+            absl.setLevel(logging.ERROR)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(STATE_ITEM, META_ITEM)
+            )
+        finally:
+            absl.setLevel(level)
 
     @property
     def steps(self) -> list[int]:

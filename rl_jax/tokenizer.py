@@ -1,8 +1,8 @@
 """Tokenizers with one interface: a character tokenizer for embedded tasks, and a thin wrapper
 over Hugging Face `tokenizers` for real checkpoints.
 
-Both expose `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode`, `decode`, `encode_batch` and
-`decode_batch`. Batches are numpy int32 arrays: prompts are left-padded so that the last prompt
+Both expose `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode`, `decode`, `encode_batch`,
+`decode_batch` and `save` (the Hugging Face tokenizer files, for `rl_jax.export`). Batches are numpy int32 arrays: prompts are left-padded so that the last prompt
 token of every row sits in the same column (the sampler appends responses there), and
 `mask` is 1 on real tokens, 0 on padding.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,19 @@ import tokenizers
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _NUM_SPECIAL = 3
+_SPECIAL_NAMES = {PAD_ID: "<pad>", BOS_ID: "<bos>", EOS_ID: "<eos>"}
+# The files of a Hugging Face tokenizer directory that `HFTokenizer.save` copies when present.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 # Append-only: ids of existing characters must never change, or cached checkpoints break.
 CHAR_ALPHABET = "0123456789+-*/=#,.:;?!()<> _abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
@@ -102,16 +116,60 @@ class CharTokenizer(_BatchMixin):
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of ids up to the first EOS; special ids are dropped (or shown as <pad>/<bos>)."""
-        names = {PAD_ID: "<pad>", BOS_ID: "<bos>"}
         chars = []
         for i in _decode_ids(ids, EOS_ID, self._special, skip_special):
-            if i in names:
-                chars.append(names[i])
+            if i in (PAD_ID, BOS_ID):
+                chars.append(_SPECIAL_NAMES[i])
             elif _NUM_SPECIAL <= i < self.vocab_size:
                 chars.append(self.alphabet[i - _NUM_SPECIAL])
             else:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return "".join(chars)
+
+    def save(self, directory: str | pathlib.Path) -> None:
+        """Writes `tokenizer.json` and `tokenizer_config.json` with this tokenizer's ids, which
+        `tokenizers` and transformers load: `<pad>` `<bos>` `<eos>` at 0 1 2, BOS prepended to
+        every encoded text (as rl_jax encodes prompts), one token per character.
+
+        The characters are spelled as byte-level BPE symbols (space as "Ġ", newline as "Ċ") in a
+        BPE model without merges: transformers loads a Qwen2 model directory's tokenizer as
+        `Qwen2Tokenizer` whatever tokenizer_config.json says, which rebuilds exactly this
+        pipeline from the vocabulary. Characters outside the alphabet encode to nothing.
+        """
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+        byte_level = _bytes_to_unicode()
+        vocab = {name: i for i, name in _SPECIAL_NAMES.items()}
+        vocab.update({byte_level[ord(c)]: i for c, i in self._char_to_id.items()})
+        hf = tokenizers.Tokenizer(models.BPE(vocab, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens(
+            [AddedToken(name, special=True, normalized=False) for name in _SPECIAL_NAMES.values()]
+        )
+        bos = _SPECIAL_NAMES[BOS_ID]
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, BOS_ID)]
+        )
+        directory = pathlib.Path(directory)
+        hf.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": bos,
+            "eos_token": _SPECIAL_NAMES[EOS_ID],
+            "pad_token": _SPECIAL_NAMES[PAD_ID],
+            "add_bos_token": True,
+            "padding_side": "left",
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte b -> the printable character byte-level BPE spells it
+    with (printable Latin-1 bytes as themselves, the others from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
 def _special_token_from_config(config: dict, key: str) -> str | None:
@@ -199,6 +257,15 @@ class HFTokenizer(_BatchMixin):
         return env.from_string(self.chat_template).render(
             messages=list(messages), add_generation_prompt=True, bos_token="", eos_token=eos
         )
+
+    def save(self, directory: str | pathlib.Path) -> None:
+        """Copies the tokenizer's files (`HF_TOKENIZER_FILES` beside its tokenizer.json, chat
+        template included) into `directory`."""
+        directory = pathlib.Path(directory)
+        shutil.copyfile(self.path, directory / "tokenizer.json")
+        for name in HF_TOKENIZER_FILES[1:]:
+            if (self.path.parent / name).is_file():
+                shutil.copyfile(self.path.parent / name, directory / name)
 
     def _token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

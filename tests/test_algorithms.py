@@ -1,6 +1,7 @@
 """Tests of rl_jax.algorithms: the preset table of DESIGN.md §3, overrides and validation."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -85,3 +86,23 @@ def test_unknown_names_fields_and_values_raise_value_errors_naming_them():
         algorithms.get("grpo", clip="three-side")
     with pytest.raises(ValueError, match="weight_temp must be > 0"):
         algorithms.get("red-weight").replace(weight_temp=-1.0)
+
+
+def test_names_ignore_case_and_punctuation_and_suggest_the_closest():
+    assert algorithms.get("REC-OneSide-NoIS").name == "rec-oneside-nois"  # the figures' spelling
+    assert algorithms.canonical_name("rec_ring_IS") == "rec-ring-is"
+    assert algorithms.canonical_name("GRPO") == "grpo"
+    loose = [re.sub(r"[^0-9a-z]", "", name) for name in algorithms.names()]
+    assert len(set(loose)) == len(loose)  # no two presets collide once loosened
+    with pytest.raises(ValueError, match=r"got 'grpoo' \(did you mean 'grpo'\?\)$"):
+        algorithms.get("grpoo")
+    with pytest.raises(
+        ValueError, match=r"got 'REC-OneSide-NoIs2' \(did you mean 'rec-oneside-nois'"
+    ):
+        algorithms.get("REC-OneSide-NoIs2")
+    with pytest.raises(ValueError, match=r"got 'ppo'$"):  # nothing close
+        algorithms.get("ppo")
+    with pytest.raises(ValueError, match=r"^algorithm must be one of .* \(did you mean 'grpo'"):
+        algorithms.canonical_name("GRP0", field="algorithm")
+    with pytest.raises(ValueError, match=r"\['eps_hgh'\] \(did you mean 'eps_high'"):
+        algorithms.get("grpo", eps_hgh=0.3)

@@ -188,6 +188,10 @@ def test_task_serves_train_prompts_held_out_test_and_rewards(builder_module, tok
     example = eval_examples[1]
     assert task.reward("<think>9/2</think> <answer>4.5</answer>", example) == pytest.approx(1.1)
     assert task.reward("4.5", example) == pytest.approx(-0.1)
+    # correct: the accuracy term alone (what rl_jax.evaluate counts), format aside
+    assert task.correct("<think>9/2</think> <answer>4.5</answer>", example)
+    assert task.correct("<answer>4.5</answer>", example)  # ill-formed, still the right answer
+    assert not task.correct("4.5", example) and not task.correct("<answer>4</answer>", example)
 
     small = gsm8k.GSM8KTask(tokenizer=tokenizer, num_eval=1, format_weight=0.0, **options)
     assert len(small.eval_examples()) == 1 and small.reward("<answer>42</answer>", example) == 0

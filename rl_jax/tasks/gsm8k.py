@@ -18,7 +18,13 @@ import numpy as np
 
 from rl_jax import cache
 from rl_jax.tasks.base import Example
-from rl_jax.tasks.gsm8k_reward import TIMEOUT_SECONDS, RewardConfig, import_math_verify, reward
+from rl_jax.tasks.gsm8k_reward import (
+    TIMEOUT_SECONDS,
+    RewardConfig,
+    accuracy,
+    import_math_verify,
+    reward,
+)
 
 if TYPE_CHECKING:
     from rl_jax.tasks.gsm8k_builder import GSM8KExample
@@ -225,6 +231,10 @@ class GSM8KTask:
         if n is not None and not 1 <= n <= len(self._eval):
             raise ValueError(f"n must lie in [1, num_eval={len(self._eval)}], got {n}")
         return self._eval[:n]
+
+    def correct(self, completion: str, example: Example) -> bool:
+        """Whether the answer block holds the gold answer: the accuracy term of the reward."""
+        return accuracy(completion, example.answer, self.config.timeout_seconds) > 0
 
     def reward(self, completion: str, example: Example) -> float:
         return reward(completion, example.answer, self.reward_config)
