@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from rl_jax import parallel
 from rl_jax.groups import rows_from_prompts
 from rl_jax.sampling import SamplingConfig, draw
 
@@ -147,13 +148,12 @@ def _ends_response(recent: jax.Array, token: jax.Array, knobs: _Knobs) -> jax.Ar
 
 
 def _batch_constraint(mesh: Mesh | None):
-    """x -> x with axis `axis` split over every axis of `mesh` (identity without a mesh)."""
+    """x -> x with axis `axis` split over every device of `mesh` (identity without a mesh)."""
 
     def constrain(x, axis=0):
         if mesh is None:
             return x
-        spec = PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(x, parallel.rows_sharding(mesh, axis))
 
     return constrain
 
@@ -296,10 +296,9 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) 
     ):
         raise ValueError("prompt_mask must be 0/1, left-padded, with at least one token per row")
     devices = 1 if mesh is None else mesh.devices.size
-    if (tokens.shape[0] * group_size) % devices:
-        raise ValueError(
-            f"batch {tokens.shape[0]} x group_size {group_size} must divide over {devices} devices"
-        )
+    parallel.check_rows(
+        tokens.shape[0] * group_size, devices, f"batch {tokens.shape[0]} x group_size {group_size}"
+    )
 
 
 def generate(
@@ -329,8 +328,7 @@ def generate(
     )
     mask = np.pad(rows_from_prompts(mask, group_size), ((0, 0), (pad, 0)))
     if mesh is not None:
-        sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-        tokens, mask = jax.device_put((tokens, mask), sharding)
+        tokens, mask = jax.device_put((tokens, mask), parallel.rows_sharding(mesh))
     rollout, key = _generate_jit(
         graphdef, *_static_settings(config), mesh, state.params, state.policy_version, state.key,
         tokens, mask, _Knobs.of(config),

@@ -44,7 +44,11 @@ def test_seed_figure_writes_figure_metrics_and_summary(seed_run):
         run_dir = out / name
         assert (run_dir / "tensorboard").is_dir()
         config = json.loads((run_dir / "config.json").read_text())
-        assert (config["algorithm"], config["sync_interval"], config["seed"]) == (name, 20, 3)
+        assert (config["algorithm"]["name"], config["sync"]["interval"], config["seed"]) == (
+            name,
+            20,
+            3,
+        )
         assert config["prompts_per_step"] == 2 and config["steps"] == 2
         metrics = read_metrics(run_dir)
         assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: eval of the initial policy
@@ -182,27 +186,20 @@ def test_series_tail_mean_and_eval_stats_read_only_the_steps_that_log_a_key():
     assert np.isnan(common.tail_mean(metrics, "entropy", 2))
 
 
-def test_merge_layers_merges_dict_fields_one_level_deep():
-    merged = common.merge(
-        {"a": 1, "task_options": {"x": 1, "y": 2}}, {"a": 2, "task_options": {"y": 3}}
-    )
-    assert merged == {"a": 2, "task_options": {"x": 1, "y": 3}}
-
-
 def test_the_gsm8k_preset_gives_every_run_the_real_setup(tmp_path):
     parser = common.make_parser("doc", steps=400, out=str(tmp_path))
     args = parser.parse_args(["--config", "gsm8k-qwen2.5-1.5b", "eval_prompts=256"])
     configs = common.build_configs(seed_figure.specs(), args, seed_figure.DEFAULTS, ("algorithm",))
-    assert [c.algorithm for c in configs] == ["grpo", "rec-oneside-nois", "red-weight"]
+    assert [c.algorithm.name for c in configs] == ["grpo", "rec-oneside-nois", "red-weight"]
     for c in configs:
-        assert (c.task, c.prompts_per_step, c.learning_rate) == ("gsm8k", 96, 1e-6)
-        assert (c.sync_interval, c.eval_prompts, c.steps) == (20, 256, 400)
+        assert (c.task.name, c.prompts_per_step, c.optimizer.learning_rate) == ("gsm8k", 96, 1e-6)
+        assert (c.sync.interval, c.eval_prompts, c.steps) == (20, 256, 400)
     specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS, steps=400)
     configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
     assert len(configs) == 24 and len({c.out_dir for c in configs}) == 24
     wide = [c for c in configs if c.out_dir.endswith("offset10/rec-oneside-nois-wide")]
-    assert wide[0].algorithm_preset().loss.eps_high == 2.0 and wide[0].sync_offset == 10
-    assert wide[0].task == "gsm8k"
+    assert wide[0].algorithm.preset().loss.eps_high == 2.0 and wide[0].sync.offset == 10
+    assert wide[0].task.name == "gsm8k"
 
 
 def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
@@ -212,7 +209,7 @@ def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
     )
     specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS[:1], steps=10)
     configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
-    losses = {pathlib.Path(c.out_dir).name: c.algorithm_preset().loss for c in configs}
+    losses = {pathlib.Path(c.out_dir).name: c.algorithm.preset().loss for c in configs}
     assert losses["reinforce"].clip == "one-side" and losses["reinforce"].eps_high == 0.5
     assert losses["rec-ring-nois"].clip == "one-side"
     wide = losses["rec-oneside-nois-wide"]

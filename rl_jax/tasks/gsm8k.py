@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rl_jax.tasks.base import Example
+from rl_jax.tasks.base import Example, Seed
 from rl_jax.tasks.gsm8k_reward import TIMEOUT_SECONDS, RewardConfig, reward
 
 if TYPE_CHECKING:
@@ -181,8 +181,8 @@ class GSM8KTask:
         """All training examples, in file order."""
         return list(self._train)
 
-    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]:
-        """n distinct training examples drawn uniformly (an int seed or a numpy Generator);
+    def sample_prompts(self, rng: Seed, n: int) -> list[Example]:
+        """n distinct training examples drawn uniformly from `rng` (a `Seed`);
         batches are drawn independently, not as epochs."""
         if not 1 <= n <= len(self._train):
             raise ValueError(f"n must lie in [1, {len(self._train)}], got {n}")
