@@ -362,9 +362,9 @@ def _shorthands(path: str) -> list[str]:
 def describe() -> str:
     """The CLI help of every field: its path, default and shorthands, grouped by part."""
     lines = [
-        "Fields: key=value (values parsed as JSON). A key is a dotted path, the last name of a "
-        "field that only one field has, or a name of the flat layout; the mappings task.options "
-        "and algorithm.overrides take dotted keys too (task_options.max_terms=5).",
+        "Fields: key=value, values parsed as JSON. A key is a field's dotted path, its last name",
+        "where only one field has it, or a name of the flat layout (`ALIASES`); the mappings",
+        "task.options and algorithm.overrides take dotted keys (task_options.max_terms=5).",
     ]
     parts = _parts()
     for group in [None, *parts]:

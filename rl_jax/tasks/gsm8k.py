@@ -72,7 +72,7 @@ def format_prompt(
 
 @dataclasses.dataclass(frozen=True)
 class GSM8KConfig:
-    """Options of `GSM8KTask` (the keyword arguments of `TrainConfig.task_options`).
+    """Options of `GSM8KTask` (the fields of a run's `task.options`).
 
     data_dir: directory with train.jsonl / test.jsonl in the original format, prepared through
       `gsm8k_builder.Gsm8kJsonl`; None uses the official TFDS ``gsm8k`` builder (downloads).
