@@ -31,7 +31,7 @@ from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
-from rl_jax.sampler import SamplingConfig
+from rl_jax.sampler import Rollout, SamplingConfig
 from rl_jax.step import RunState, Step
 
 
@@ -200,6 +200,21 @@ def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, Ru
     return restored[0][0], jax.tree.map(stack, state, *[r[1] for r in restored])
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The batches of learner steps first .. first + length - 1, generated in one call by one
+    policy version (`SyncSchedule.window`): rollouts `[runs, length, rows, ...]` and their
+    rewards `[runs, length, rows]`, both on the devices."""
+
+    first: int
+    length: int
+    rollouts: Rollout
+    rewards: jax.Array
+
+    def holds(self, step: int) -> bool:
+        return 0 <= step - self.first < self.length
+
+
 @dataclasses.dataclass
 class HostSide:
     """What the host does around the jitted step: prompts, rewards, metric reads, evaluation."""
@@ -209,18 +224,20 @@ class HostSide:
     step_fn: Step
     mesh: object
     window_size: int = 1  # steps per generate call (`generation_window`)
-    _window: tuple | None = None  # (first step, steps, rollouts, rewards) of the current window
+    window: Window | None = None  # the current one
 
     def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
         """Learner step k of every run: sample (a new window when k is past the current one),
         score on the host, learn; each run's metrics."""
         config = self.config
         t0 = time.perf_counter()
-        if self._window is None or not 0 <= step - self._window[0] < self._window[1]:
+        if self.window is None or not self.window.holds(step):
             state = self._sample_window(state, step)
-        start, _, rollouts, rewards = self._window
+        window = self.window
         t1 = time.perf_counter()
-        state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step)
+        state, metrics = self.step_fn.learn(
+            state, window.rollouts, window.rewards, step - window.first, step
+        )
         metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
         rows = config.rows
@@ -259,7 +276,7 @@ class HostSide:
             axis=1,
         )
         rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
-        self._window = (start, length, rollouts, rewards)
+        self.window = Window(start, length, rollouts, rewards)
         return state
 
     def evaluate(self, state: RunState) -> list[float]:
