@@ -126,9 +126,9 @@ def test_seed_figure_defaults_to_five_seeds_of_400_steps_and_studies_to_one():
 
 
 def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"\['algorithm'\]"):
+    with pytest.raises(ValueError, match=r"\['algorithm.name'\]"):
         seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])
-    with pytest.raises(ValueError, match="sync_interval"):
+    with pytest.raises(ValueError, match=r"\['sync.interval'\]"):
         sync_study.main(["--out", str(tmp_path), "sync_interval=5"])
     with pytest.raises(ValueError, match="unknown syncs"):
         red_study.main(["--out", str(tmp_path), "--syncs", "sync7"])
@@ -139,7 +139,7 @@ def test_sync_study_offline_run_never_syncs(tmp_path):
     outcomes = sync_study.main([*argv, "--syncs", "sync1,offline", *TINY])
     assert [o.spec.name for o in outcomes] == ["sync1/grpo", "offline/grpo"]
     offline = outcomes[1]
-    assert offline.config.sync_interval == 3  # longer than the run: data of version 0 only
+    assert offline.config.sync.interval == 3  # longer than the run: data of version 0 only
     assert [m["policy_version"] for m in offline.metrics[1:]] == [0, 0]
     assert [m["staleness/max"] for m in offline.metrics[1:]] == [0, 1]
     assert (tmp_path / "sync_study.png").stat().st_size > 20_000
@@ -153,7 +153,7 @@ def test_red_study_runs_red_weight_at_sync_20(tmp_path):
     argv = ["--steps", "2", "--out", str(tmp_path), "--algorithms", "red-weight"]
     outcomes = red_study.main([*argv, "--syncs", "sync20", *TINY])
     (outcome,) = outcomes
-    assert outcome.config.algorithm == "red-weight" and outcome.config.sync_interval == 20
+    assert outcome.config.algorithm.name == "red-weight" and outcome.config.sync.interval == 20
     assert (tmp_path / "sync20" / "red-weight" / "metrics.jsonl").is_file()
     assert (tmp_path / "red_study.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
