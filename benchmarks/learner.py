@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
 from rl_jax import algorithms, host_memory, models, sampler  # noqa: E402
-from rl_jax.config import OptimizerConfig  # noqa: E402
+from rl_jax.config_sections import OptimizerConfig  # noqa: E402
 from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 
 _BASE = models.ModelConfig(

@@ -47,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import peak  # noqa: E402
 
 from rl_jax import algorithms, host_memory, models, parallel  # noqa: E402
-from rl_jax.config import OptimizerConfig  # noqa: E402
+from rl_jax.config_sections import OptimizerConfig  # noqa: E402
 from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 from rl_jax.sampler import SamplerState, SamplingConfig, generate  # noqa: E402
 from rl_jax.tokenizer import HFTokenizer  # noqa: E402

@@ -46,7 +46,7 @@ def _host(num_seeds: int, runs_per_batch: int, devices: int, steps: int, out: pa
         eval_every=0, checkpoint_every=0, out_dir=str(out),
     )  # fmt: skip
     run = build.build_run(config)
-    mesh = parallel.make_mesh(config.fsdp, jax.devices()[:devices])
+    mesh = parallel.make_mesh(config.memory.fsdp, jax.devices()[:devices])
     host = HostSide(config, run, make_step(config, run, mesh), mesh)
     params = jax.device_put(run.params, parallel.replicated(mesh))
     return host, host.step_fn.init(params, [single.seed for single in config.runs()])
@@ -111,7 +111,7 @@ def main() -> None:
     if min(args.seeds) < 1 or args.steps < 2:
         parser.error("--seeds must be >= 1 and --steps >= 2 (the first step compiles)")
     embedded = config_lib.build("embedded")
-    parallel.use_cpu_cores(embedded.prompts_per_step * embedded.group_size)
+    parallel.use_cpu_cores(embedded.rows)
     matmul = peak.measure_peak()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

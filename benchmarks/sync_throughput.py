@@ -95,7 +95,7 @@ def measure(name: str, interval: int, blocks: int, cap: float, out: pathlib.Path
     state = host.step_fn.init(params, [config.seed])
     load = os.getloadavg()[0]
     sample = learn = tokens = 0.0
-    rows = config.prompts_per_step * config.group_size
+    rows = config.rows
     for step in range(1, steps + 1):
         state, (metrics,) = host.step(state, step)
         if step > BLOCK:

@@ -49,7 +49,7 @@ import peak  # noqa: E402
 from learner import GROUP, MODELS, random_batch  # noqa: E402
 
 from rl_jax import algorithms, host_memory, models  # noqa: E402
-from rl_jax.config import OptimizerConfig  # noqa: E402
+from rl_jax.config_sections import OptimizerConfig  # noqa: E402
 from rl_jax.learner import Learner  # noqa: E402
 from rl_jax.models.attention import attend  # noqa: E402
 

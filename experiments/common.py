@@ -124,18 +124,6 @@ def enable_compilation_cache(path: str) -> None:
     cache.enable_compilation_cache(path)
 
 
-def merge(*layers: Mapping) -> dict:
-    """Later layers win; Mapping values (task_options, algorithm_overrides) merge one level deep."""
-    merged: dict = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-    return merged
-
-
 def build_configs(
     specs: Sequence[RunSpec],
     args: argparse.Namespace,
@@ -145,7 +133,10 @@ def build_configs(
     """Every run's validated config. `varied`: fields the experiment sets per run; overriding
     them from the command line would silently change the experiment, so it is an error."""
     overrides = config_lib.parse_overrides(args.overrides)
-    clash = sorted({"steps", "seed", "num_seeds", "out_dir", *varied} & set(overrides))
+    per_run = {
+        config_lib.resolve(name) for name in ("steps", "seed", "num_seeds", "out_dir", *varied)
+    }
+    clash = sorted(per_run & set(config_lib.merge(overrides)))
     if clash:
         raise ValueError(
             f"override(s) {clash} are set by this experiment per run; use --steps/--seed/--seeds/--out "
@@ -153,14 +144,14 @@ def build_configs(
         )
     configs = []
     for spec in specs:
-        fields = merge(defaults, overrides, spec.fields)
-        fields.update(
-            steps=args.steps,
-            seed=args.seed,
-            num_seeds=args.seeds,
-            out_dir=str(args.out / spec.name),
-        )
-        configs.append(config_lib.build(args.config, fields))
+        run = {
+            "steps": args.steps,
+            "seed": args.seed,
+            "num_seeds": args.seeds,
+            "out_dir": str(args.out / spec.name),
+        }
+        layers = config_lib.merge(defaults, overrides, spec.fields, run)
+        configs.append(config_lib.build(args.config, layers))
     return configs
 
 
@@ -171,9 +162,7 @@ def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig])
     from rl_jax.metrics import read_metrics
     from rl_jax.train import train
 
-    parallel.use_cpu_cores(
-        math.gcd(*(c.prompts_per_step * c.group_size // c.micro_batches for c in configs))
-    )
+    parallel.use_cpu_cores(math.gcd(*(c.rows // c.memory.micro_batches for c in configs)))
 
     for config in configs:  # fail before the first run rather than after hours of training
         for single in config.runs():
@@ -254,8 +243,9 @@ def settings_line(config: config_lib.TrainConfig) -> str:
     """The settings a figure title names: task, model, batch, learning rate, sampling."""
     model = config.model if len(config.model) < 32 else pathlib.Path(config.model).name
     return (
-        f"{config.task}, {model}, {config.prompts_per_step} prompts x {config.group_size}, "
-        f"lr {config.learning_rate:g}, T {config.temperature:g}, {seeds_label(config)}"
+        f"{config.task.name}, {model}, {config.prompts_per_step} prompts x {config.group_size}, "
+        f"lr {config.optimizer.learning_rate:g}, T {config.sampling.temperature:g}, "
+        f"{seeds_label(config)}"
     )
 
 

@@ -212,8 +212,8 @@ def main(argv=None) -> list[common.Outcome]:
     outcomes = common.run_all(run_specs, configs)
     cfg = configs[0]
     title = (
-        f"{common.settings_line(cfg)}\nsync_interval {cfg.sync_interval}, offset "
-        f"{cfg.sync_offset}, {cfg.steps} steps, held-out eval every {cfg.eval_every} steps "
+        f"{common.settings_line(cfg)}\nsync_interval {cfg.sync.interval}, offset "
+        f"{cfg.sync.offset}, {cfg.steps} steps, held-out eval every {cfg.eval_every} steps "
         f"on {cfg.eval_prompts} prompts"
     )
     out = pathlib.Path(args.out)

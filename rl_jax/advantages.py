@@ -21,6 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rl_jax import groups
 from rl_jax.algorithms import AdvantageConfig
 
 
@@ -76,11 +77,7 @@ def group_advantages(
       ``[num_groups, group_size]`` float32 advantages (0 for dropped responses).
     """
     chex.assert_rank(rewards, 2)
-    if rewards.shape[-1] < 2:
-        raise ValueError(
-            f"group_size must be >= 2 for a group-relative baseline, got rewards of shape "
-            f"{rewards.shape} ([num_groups, group_size])"
-        )
+    groups.check_group_size(rewards.shape[-1])  # rewards are [num_groups, group_size]
     rewards = rewards.astype(jnp.float32)
     if config.drop == "balance":
         if key is None:

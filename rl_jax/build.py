@@ -16,6 +16,7 @@ from flax import nnx
 from rl_jax import models
 from rl_jax.config import TrainConfig
 from rl_jax.models.hf import read_hf_config
+from rl_jax.tasks import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Run:
     """task: prompts and rewards; tokenizer; model_config; graphdef + params: the initial policy;
     max_response_len: the generation cap (the config's, else the task's)."""
 
-    task: Any
+    task: Task
     tokenizer: Any
     model_config: models.ModelConfig
     graphdef: Any
@@ -31,28 +32,18 @@ class Run:
     max_response_len: int
 
 
-def make_task(config: TrainConfig):
-    if config.task == "arithmetic":
-        from rl_jax.tasks import ArithmeticConfig, ArithmeticTask
-
-        return ArithmeticTask(ArithmeticConfig(**dict(config.task_options)))
-    from rl_jax.tasks.gsm8k import GSM8KTask
-
-    return GSM8KTask(**dict(config.task_options))
-
-
-def make_policy(config: TrainConfig, task) -> tuple[models.ModelConfig, Any, Any]:
-    """(model_config, model, tokenizer) for `config.model`."""
+def make_policy(config: TrainConfig, task: Task) -> tuple[models.ModelConfig, Any, Any]:
+    """(model_config, model, tokenizer) for `config.model`, in the config's memory dtypes."""
+    dtypes = config.memory.dtypes
     if config.model == "warm-start":
-        if config.task != "arithmetic":
+        if config.task.name != "arithmetic":
             raise ValueError(
                 "model='warm-start' is the embedded default; it needs task='arithmetic'"
             )
         from rl_jax import warm_start
 
         model_config, model = warm_start.load_or_train(task)
-        return (*_with_dtypes(model_config, model, config), task.tokenizer)
-    dtypes = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype}
+        return (*_with_dtypes(model_config, model, dtypes), task.tokenizer)
     if config.model in models.config_names():
         model_config = dataclasses.replace(
             models.get_config(config.model, **dtypes), vocab_size=task.tokenizer.vocab_size
@@ -62,9 +53,8 @@ def make_policy(config: TrainConfig, task) -> tuple[models.ModelConfig, Any, Any
     return model_config, model, task.tokenizer
 
 
-def _with_dtypes(model_config, model, config: TrainConfig):
-    """(model_config, model) with the config's compute and parameter dtypes."""
-    dtypes = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype}
+def _with_dtypes(model_config, model, dtypes: dict[str, str]):
+    """(model_config, model) with `dtypes` (`MemoryConfig.dtypes`)."""
     if all(getattr(model_config, k) == v for k, v in dtypes.items()):
         return model_config, model
     model_config = dataclasses.replace(model_config, **dtypes)
@@ -121,13 +111,13 @@ def _build_run(config: TrainConfig) -> Run:
     hf_dir = config.model != "warm-start" and config.model not in models.config_names()
     if hf_dir:  # fail on a bad model directory before the data is prepared
         check_model_dir(config.model)
-    task = make_task(config)
+    task = config.task.make()
     if hf_dir:  # before the weights are read
         check_vocab(task.tokenizer, read_hf_config(config.model).vocab_size, config.model)
     model_config, model, tokenizer = make_policy(config, task)
     check_vocab(tokenizer, model_config.vocab_size, config.model)
     max_positions = getattr(model_config, "max_position_embeddings", None)
-    max_response_len = config.max_response_len or task.max_response_len
+    max_response_len = config.sampling.max_response_len or task.max_response_len
     needed = task.max_prompt_len + max_response_len
     if max_positions is not None and needed > max_positions:
         raise ValueError(

@@ -5,7 +5,7 @@ with its possibly stale params, pending snapshots, PRNG keys: raw uint32 keys an
 `jax.random.key` arrays alike) and `<directory>/<step>/meta` a JSON object (data position,
 config, versions). Restoring into a target pytree gives arrays bit-identical to the saved ones,
 with the target's structure, dtypes and shardings, so a resumed run continues exactly where the
-saved one stopped (DESIGN.md §1: the two state pytrees carry everything).
+saved one stopped (DESIGN.md §1: one `RunState` pytree carries everything).
 
 Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
 complete, and `save` returns only then. A kill mid-save leaves the temporary directory, which is

@@ -84,7 +84,7 @@ def export(saved: saved_run.SavedRun, out: str | os.PathLike, dtype: str | None 
     out = pathlib.Path(out).absolute()
     check_out_dir(out)
     one_run(saved.files)
-    dtype = dtype or saved.files.config.param_dtype
+    dtype = dtype or saved.files.config.memory.param_dtype
     created = run_dir.created_root(out.parent)  # removed again if the export fails
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -9,6 +9,15 @@ kernel sees `to_groups(rewards)` of shape `[num_groups, G]`. Works on numpy and 
 from __future__ import annotations
 
 
+def check_group_size(group_size) -> None:
+    """G >= 2: each response's advantage is relative to the other responses of its group."""
+    if isinstance(group_size, bool) or not (isinstance(group_size, int) and group_size >= 2):
+        raise ValueError(
+            f"group_size must be an int >= 2 (advantages are relative to the group), "
+            f"got {group_size!r}"
+        )
+
+
 def rows_from_prompts(x, group_size: int):
     """`[num_prompts, ...]` -> `[num_prompts * G, ...]`, each prompt repeated G times in place."""
     return x.repeat(group_size, axis=0)

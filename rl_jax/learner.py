@@ -31,33 +31,9 @@ from jax.sharding import PartitionSpec as P
 from rl_jax import advantages as advantages_lib
 from rl_jax import compat, groups, guards, logprobs, losses, parallel
 from rl_jax.algorithms import Algorithm
-from rl_jax.config import OptimizerConfig
+from rl_jax.config_sections import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
-
-
-def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then constant, cosine or linear decay to 0."""
-    peak, warmup = config.learning_rate, config.warmup_steps
-    if config.schedule == "constant" or config.decay_steps == 0:
-        decay = optax.constant_schedule(peak)
-    elif config.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, config.decay_steps)
-    else:
-        decay = optax.linear_schedule(peak, 0.0, config.decay_steps)
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm gradient clipping (`grad_clip` 0 disables it)."""
-    adamw = optax.adamw(
-        learning_rate_schedule(config), config.b1, config.b2, config.eps,
-        weight_decay=config.weight_decay,
-    )  # fmt: skip
-    if config.grad_clip == 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+from rl_jax.sampling import check_temperature
 
 
 @flax.struct.dataclass
@@ -178,7 +154,9 @@ class Learner:
     Attributes:
       graphdef: the model's `nnx.GraphDef` (see `rl_jax.models`).
       algorithm: the preset with its advantage and loss settings (`rl_jax.algorithms.get`).
-      optimizer: `OptimizerConfig`.
+      optimizer: `OptimizerConfig`, built for a run of `steps` learner steps (`build(steps)`);
+        `steps` matters only to a decaying schedule and is kept as 0 where it does not, so
+        that learners that update alike compare equal (and share compiled programs).
       group_size: responses per prompt, G.
       temperature: the sampling temperature; logp and entropy are of softmax(logits / T).
       micro_batches: gradient-accumulation pieces per update; must divide the batch.
@@ -191,7 +169,8 @@ class Learner:
 
     graphdef: Any
     algorithm: Algorithm
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4)
+    steps: int = 0
     group_size: int = 8
     temperature: float = 1.0
     micro_batches: int = 1
@@ -201,20 +180,18 @@ class Learner:
     mesh: Mesh | None = None
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size must be >= 2 for group-relative advantages, got {self.group_size}"
-            )
+        groups.check_group_size(self.group_size)
+        check_temperature(self.temperature)
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.optimizer.decay_steps(self.steps) == 0:
+            object.__setattr__(self, "steps", 0)
         if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 0):
             raise ValueError(f"logprob_chunk must be an int >= 0, got {self.logprob_chunk!r}")
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return float32_moments(make_optimizer(self.optimizer))
+        return float32_moments(self.optimizer.build(self.steps))
 
     def init_state(self, params) -> LearnerState:
         """A fresh state (traceable): the params, their float32 optimizer state, step 0."""
@@ -293,7 +270,7 @@ class Learner:
         mesh, rows = self.mesh, micro[1].shape[1]
         if mesh is None or mesh.size == 1 or mesh.shape[parallel.FSDP] > 1 or rows % mesh.size:
             return accumulate(params, ref_params, micro, denominator)
-        devices = tuple(mesh.axis_names)
+        devices = tuple(mesh.axis_names)  # psum over all of them: over every device
 
         def per_device(params, ref_params, micro, denominator):
             # Varying per device, so that differentiating it adds no all-reduce to the loop.
@@ -302,10 +279,10 @@ class Learner:
             total = lambda tree: jax.lax.psum(tree, devices)
             return total(grads), (total(loss), policy_metrics, total(sums))
 
-        whole, split = P(), P(None, devices)
+        whole, split = P(), parallel.rows_spec(mesh, axis=1)  # [micro_batches, rows, ...]
         return compat.shard_map(
             per_device, mesh=mesh, in_specs=(whole, whole, split, whole),
-            out_specs=(whole, (whole, P(devices), whole)),
+            out_specs=(whole, (whole, parallel.rows_spec(mesh), whole)),
         )(params, ref_params, micro, denominator)  # fmt: skip
 
     def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):

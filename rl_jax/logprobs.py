@@ -21,12 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rl_jax.sampling import gather_logp, tempered_log_softmax
-
-
-def _check_temperature(temperature) -> None:
-    if isinstance(temperature, int | float) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+from rl_jax.sampling import check_temperature, gather_logp, tempered_log_softmax
 
 
 def _entropy_from_log_probs(log_probs: jax.Array) -> jax.Array:
@@ -37,7 +32,7 @@ def _entropy_from_log_probs(log_probs: jax.Array) -> jax.Array:
 
 
 def _log_softmax(logits: jax.Array, temperature) -> jax.Array:
-    _check_temperature(temperature)
+    check_temperature(temperature)
     return tempered_log_softmax(logits, temperature)
 
 
@@ -105,7 +100,7 @@ def token_stats(
     Returns:
       {"logp", "entropy"} (+ {"ref_logp", "full_kl"} with `ref`), each `[rows, T]` float32.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if head_layout not in ("vd", "dv"):
         raise ValueError(f"head_layout must be 'vd' or 'dv', got {head_layout!r}")
     if not (isinstance(chunk, int) and chunk >= 0):

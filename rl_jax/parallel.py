@@ -113,14 +113,26 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), (DATA, FSDP))
 
 
+def rows_spec(mesh: Mesh, axis: int = 0) -> PartitionSpec:
+    """Axis `axis` (the batch rows) split over every device, i.e. over all axes of `mesh`; the
+    axes before it whole. The one statement of "rows over all devices" (sampler, learner, loop)."""
+    return PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
+
+
+def rows_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """`rows_spec` as a sharding: axis `axis` split over every device of `mesh`."""
+    return NamedSharding(mesh, rows_spec(mesh, axis))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device of the mesh."""
-    return NamedSharding(mesh, PartitionSpec((DATA, FSDP)))
+    return rows_sharding(mesh, 0)
 
 
-def rows_sharding(mesh: Mesh, axis: int) -> NamedSharding:
-    """Axis `axis` (the batch rows) split over every device; the axes before it whole."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * axis), (DATA, FSDP)))
+def check_rows(rows: int, devices: int, what: str = "the batch") -> None:
+    """Rows split evenly over the devices: `rows` must be a multiple of `devices`."""
+    if rows % devices:
+        raise ValueError(f"{what} = {rows} rows must divide over the {devices} devices")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -151,8 +163,9 @@ def shard_batch(batch, mesh: Mesh):
 
     def put(x):
         x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % n:
-            raise ValueError(f"batch axis {x.shape[:1]} must be divisible by the {n} devices")
+        if x.ndim == 0:
+            raise ValueError("every leaf of a batch needs a leading batch axis, got a scalar")
+        check_rows(x.shape[0], n, "the batch axis of this process")
         # Each process passes its own rows; with one process this is a plain device_put.
         return jax.make_array_from_process_local_data(batch_sharding(mesh), x)
 

@@ -1,13 +1,16 @@
 """The run directory (`out_dir`): which run it holds, and whether a new invocation may continue it.
 
-A run's identity is every `TrainConfig` field except `RESUMABLE_FIELDS` (its length, logging and
-checkpoint cadence, and where it lives), so a field added to `TrainConfig` is part of the identity
-unless it is listed there. Every checkpoint's meta item stores the config it was written by. Before
-anything is written into an existing `out_dir`, `check_resume` compares:
+A run's identity is every `TrainConfig` field (by dotted path, `rl_jax.config.field_paths`)
+except `RESUMABLE_FIELDS` (its length, logging and checkpoint cadence, and where it lives), so a
+field added to `TrainConfig` is part of the identity unless it is listed there. Every
+checkpoint's meta item stores the config it was written by. Before anything is written into an
+existing `out_dir`, `check_resume` compares:
 
 - the identity stored with the newest readable checkpoint (or, before the first checkpoint,
   the run's `config.json`) with the new config's; any difference is refused with the fields
-  listed and what to do: resume with the old settings, or start afresh elsewhere;
+  listed and what to do: resume with the old settings, or start afresh elsewhere. A stored
+  config is read in any layout `rl_jax.config.flatten` reads: the nested one written now, or the
+  flat one of runs written before the config had parts;
 - `steps`: it may grow (a finished run is extended: the sampler snapshots a longer run needs are
   saved, see `SyncSchedule.snapshot_due`), unless the learning-rate schedule decays over `steps`;
   it may not shrink below the newest checkpoint.
@@ -19,7 +22,6 @@ for a run that failed before writing any metrics or checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -27,6 +29,7 @@ import shutil
 from collections.abc import Mapping
 
 from rl_jax import checkpoint
+from rl_jax import config as config_lib
 from rl_jax.config import TrainConfig
 from rl_jax.metrics import METRICS_FILE
 
@@ -43,20 +46,14 @@ class RunDirError(ValueError):
 
 
 def identity(config: Mapping) -> dict:
-    """The identity fields of a config given as a dict (`dataclasses.asdict` or stored JSON).
+    """{dotted path: value} of the identity fields of a config given as a dict (`json.loads` of
+    `to_json`, nested, or a stored config of the flat layout).
 
     A field missing from `config` (written before the field existed) takes the field's default,
-    the behaviour the run had when it was written.
+    the behaviour the run had when it was written; a stored key no field has is ignored.
     """
-    identity_fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE_FIELDS]
-    out = {}
-    for field in identity_fields:
-        if field.name in config:
-            out[field.name] = config[field.name]
-        elif field.default is not dataclasses.MISSING:
-            out[field.name] = field.default
-        else:
-            out[field.name] = field.default_factory()
+    values = {**config_lib.defaults(), **config_lib.flatten(config, strict=False)}
+    out = {path: value for path, value in values.items() if path not in RESUMABLE_FIELDS}
     return json.loads(json.dumps(out))  # tuples -> lists, as stored
 
 
@@ -103,11 +100,12 @@ def check_resume(config: TrainConfig) -> None:
         if old_id[name] != new_id[name]
     ]
     old_steps = old.get("steps")
+    optimizer = config.optimizer
     if not differing and isinstance(old_steps, int) and old_steps != config.steps:
-        if dataclasses.replace(config, steps=old_steps).optimizer() != config.optimizer():
+        if optimizer.decay_steps(old_steps) != optimizer.decay_steps(config.steps):
             differing.append(
-                f"steps={old_steps} -> {config.steps} (lr_schedule={config.lr_schedule!r} "
-                "decays the learning rate over the run's steps)"
+                f"steps={old_steps} -> {config.steps} (optimizer.schedule="
+                f"{optimizer.schedule!r} decays the learning rate over the run's steps)"
             )
     if differing:
         raise RunDirError(

@@ -17,6 +17,7 @@ eos_id, pad_id, the stop tokens and the cap are traced, so changing them never r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -26,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from rl_jax import parallel
 from rl_jax.groups import rows_from_prompts
 from rl_jax.sampling import SamplingConfig, draw
 
 _LOG = logging.getLogger(__name__)
 _compile_counter = [0]
-LAYER_COPY_MAX_BYTES = 2**30  # see _generate_program
+LAYER_COPY_MAX_BYTES = 2**30  # see _prepare_model
 
 
 @flax.struct.dataclass
@@ -147,38 +149,53 @@ def _ends_response(recent: jax.Array, token: jax.Array, knobs: _Knobs) -> jax.Ar
 
 
 def _batch_constraint(mesh: Mesh | None):
-    """x -> x with axis `axis` split over every axis of `mesh` (identity without a mesh)."""
+    """x -> x with axis `axis` split over every device of `mesh` (identity without a mesh)."""
 
     def constrain(x, axis=0):
         if mesh is None:
             return x
-        spec = PartitionSpec(*([None] * axis), tuple(mesh.axis_names))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(x, parallel.rows_sharding(mesh, axis))
 
     return constrain
 
 
-def _generate_program(
-    graphdef, top_k_width, nucleus, width, mesh, params, policy_version, keys, prompt_tokens,
-    prompt_mask, knobs, *, loop_axes=(),
-):  # fmt: skip
-    """The compiled program: prefill, then a while_loop of one-token decode steps; `keys` are
-    the `[B]` row keys (`row_keys`).
+@dataclasses.dataclass(frozen=True)
+class GenerationProgram:
+    """What one compiled generation program is specialised to (its static arguments).
 
-    Static: the model, the top-k width (a power of two >= top_k, 0 = off), whether top-p is on
-    (`nucleus`), the response width N and the mesh; the rest of the SamplingConfig arrives
-    traced in `knobs`. The KV cache is allocated inside the program and lives in the loop
-    carry, so each step updates it in place (XLA aliases the carry buffers) and it never
-    crosses the jit boundary: nothing to copy, nothing to donate.
+    graphdef: the model. top_k_width: a power of two >= top_k (0 = top-k off). nucleus: whether
+    top-p is on. width: the response width N. mesh: the devices the rows are split over (None:
+    no constraint). loop_axes: the names of the vmapped axes the program runs inside (they share
+    one decode loop). The rest of a `SamplingConfig` arrives traced (`_Knobs`).
     """
-    _compile_counter[0] += 1
-    batch, prompt_width = prompt_tokens.shape
-    _LOG.info("compiling generate: batch %d, prompt %d, response %d", batch, prompt_width, width)
-    constrain = _batch_constraint(mesh)
-    keys = constrain(keys)
-    # Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute) are
-    # cast once here: every use casts them anyway, so the results are the same bit for bit, and
-    # the copies XLA keeps for the loop (sliced layers, all-gathered fsdp shards) are half size.
+
+    graphdef: Any
+    top_k_width: int
+    nucleus: bool
+    width: int
+    mesh: Mesh | None = None
+    loop_axes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, graphdef, config: SamplingConfig, mesh=None, loop_axes=()) -> GenerationProgram:
+        """The program of `config`: what it fixes (top-k width, top-p on, response width)."""
+        width = bucket_size(config.max_new_tokens, config.generation_buckets)
+        top_k_width = config.top_k and _pow2_bucket(config.top_k, 8)
+        return cls(graphdef, top_k_width, config.top_p < 1.0, width, mesh, tuple(loop_axes))
+
+
+def _prepare_model(graphdef, params):
+    """(model, its layers sliced once or None) for the decode loop.
+
+    Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute) are
+    cast once here: every use casts them anyway, so the results are the same bit for bit, and
+    the copies XLA keeps for the loop (sliced layers, all-gathered fsdp shards) are half size.
+    Layer weights are sliced once here, not at every decode step: a faster decode for small
+    models (the reference workload), but in float32 compute a second copy of the layer weights
+    for the whole call (Qwen2.5-1.5B on one device: 84.8 vs 80.1 GiB). Above
+    `LAYER_COPY_MAX_BYTES` of layer weights each step slices its layers instead (BENCHMARKS.md,
+    "Scale"). With bfloat16 compute the cast is that copy and both ways measure the same.
+    """
     compute = jnp.dtype(nnx.merge(graphdef, params).config.dtype)
     narrow = lambda x: (
         x.astype(compute)
@@ -186,13 +203,44 @@ def _generate_program(
         else x
     )
     model = nnx.merge(graphdef, jax.tree.map(narrow, params))
-    # Layer weights sliced once here, not at every decode step: a faster decode for small models
-    # (the reference workload), but in float32 compute a second copy of the layer weights for
-    # the whole call (Qwen2.5-1.5B on one device: 84.8 vs 80.1 GiB). Above 1 GiB of layer
-    # weights each step slices its layers instead (BENCHMARKS.md, "Scale"). With bfloat16
-    # compute the cast above is that copy and both ways measure the same.
     layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers)))
-    layers = model.unstacked_layers() if layer_bytes <= LAYER_COPY_MAX_BYTES else None
+    return model, model.unstacked_layers() if layer_bytes <= LAYER_COPY_MAX_BYTES else None
+
+
+def _loop_state(batch: int, width: int, cache, knobs: _Knobs, constrain) -> dict:
+    """The decode loop's carry before the first token: step t, last token, KV cache, which rows
+    are done, the recent tokens (stop sequences) and the `[batch, width]` outputs."""
+    rows = lambda fill, dtype: constrain(jnp.full((batch, width), fill, dtype))
+    return {
+        "t": jnp.int32(0),
+        "token": constrain(jnp.zeros((batch,), jnp.int32)),
+        "cache": cache,
+        "done": constrain(jnp.zeros((batch,), bool)),
+        "recent": constrain(jnp.full((batch, knobs.stop_ids.shape[1]), -1, jnp.int32)),
+        "tokens": rows(knobs.pad_id, jnp.int32),
+        "mask": rows(0, jnp.float32),
+        "sampled_logp": rows(0, jnp.float32),
+        "untruncated_logp": rows(0, jnp.float32),
+    }
+
+
+def _generate_program(
+    program: GenerationProgram, params, policy_version, keys, prompt_tokens, prompt_mask, knobs
+):
+    """The compiled program: prefill, then a while_loop of one-token decode steps; `keys` are
+    the `[B]` row keys (`row_keys`).
+
+    The KV cache is allocated inside the program and lives in the loop carry, so each step
+    updates it in place (XLA aliases the carry buffers) and it never crosses the jit boundary:
+    nothing to copy, nothing to donate.
+    """
+    _compile_counter[0] += 1
+    batch, prompt_width = prompt_tokens.shape
+    width = program.width
+    _LOG.info("compiling generate: batch %d, prompt %d, response %d", batch, prompt_width, width)
+    constrain = _batch_constraint(program.mesh)
+    keys = constrain(keys)
+    model, layers = _prepare_model(program.graphdef, params)
     cache = jax.tree.map(constrain, model.init_cache(batch, prompt_width + width))
     # Constant over the loop: slots not yet written lie after the query's own slot, and causality
     # hides them; only left padding needs masking.
@@ -203,7 +251,7 @@ def _generate_program(
         prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers, last_only=True,
         kv_len=prompt_width,
     )  # fmt: skip
-    top_p = knobs.top_p if nucleus else None
+    top_p = knobs.top_p if program.nucleus else None
 
     def emit(carry, logits):
         """Sample column t for every live row; finished rows get pad_id, mask 0, logp 0."""
@@ -211,7 +259,7 @@ def _generate_program(
         sampled, sampled_logp, untruncated_logp = draw(
             logits,
             _step_keys(keys, t),
-            top_k_width,
+            program.top_k_width,
             knobs.top_k,
             knobs.temperature,
             top_p,
@@ -242,24 +290,13 @@ def _generate_program(
         # Under vmap (named `loop_axes`) all batches share one loop: a per-batch condition
         # would make vmap select between old and new carries, copying the KV cache every step.
         live = jnp.any(~carry["done"]).astype(jnp.int32)
-        for axis in loop_axes:
+        for axis in program.loop_axes:
             live = jax.lax.psum(live, axis)
         return (carry["t"] < knobs.max_new_tokens) & (live > 0)
 
-    rows = lambda fill, dtype: constrain(jnp.full((batch, width), fill, dtype))
-    carry = {
-        "t": jnp.int32(0),
-        "token": constrain(jnp.zeros((batch,), jnp.int32)),
-        "cache": cache,
-        "done": constrain(jnp.zeros((batch,), bool)),
-        "recent": constrain(jnp.full((batch, knobs.stop_ids.shape[1]), -1, jnp.int32)),
-        "tokens": rows(knobs.pad_id, jnp.int32),
-        "mask": rows(0, jnp.float32),
-        "sampled_logp": rows(0, jnp.float32),
-        "untruncated_logp": rows(0, jnp.float32),
-    }
+    carry = _loop_state(batch, width, cache, knobs, constrain)
     carry = jax.lax.while_loop(more, step, emit(carry, logits[:, -1]))
-    rollout = Rollout(
+    return Rollout(
         prompt_tokens=prompt_tokens,
         prompt_mask=prompt_mask,
         response_tokens=carry["tokens"],
@@ -270,16 +307,12 @@ def _generate_program(
         truncated=~carry["done"],
         policy_version=jnp.broadcast_to(policy_version, (batch,)).astype(jnp.int32),
     )
-    return rollout
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate_jit(graphdef, top_k_width, nucleus, width, mesh, params, version, key, *rest):
+@functools.partial(jax.jit, static_argnums=0)
+def _generate_jit(program: GenerationProgram, params, version, key, *rest):
     next_key, keys = row_keys(key, rest[0].shape[0])
-    rollout = _generate_program(
-        graphdef, top_k_width, nucleus, width, mesh, params, version, keys, *rest
-    )
-    return rollout, next_key
+    return _generate_program(program, params, version, keys, *rest), next_key
 
 
 def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) -> None:
@@ -296,10 +329,9 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) 
     ):
         raise ValueError("prompt_mask must be 0/1, left-padded, with at least one token per row")
     devices = 1 if mesh is None else mesh.devices.size
-    if (tokens.shape[0] * group_size) % devices:
-        raise ValueError(
-            f"batch {tokens.shape[0]} x group_size {group_size} must divide over {devices} devices"
-        )
+    parallel.check_rows(
+        tokens.shape[0] * group_size, devices, f"batch {tokens.shape[0]} x group_size {group_size}"
+    )
 
 
 def generate(
@@ -329,19 +361,12 @@ def generate(
     )
     mask = np.pad(rows_from_prompts(mask, group_size), ((0, 0), (pad, 0)))
     if mesh is not None:
-        sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-        tokens, mask = jax.device_put((tokens, mask), sharding)
+        tokens, mask = jax.device_put((tokens, mask), parallel.rows_sharding(mesh))
     rollout, key = _generate_jit(
-        graphdef, *_static_settings(config), mesh, state.params, state.policy_version, state.key,
-        tokens, mask, _Knobs.of(config),
+        GenerationProgram.of(graphdef, config, mesh), state.params, state.policy_version,
+        state.key, tokens, mask, _Knobs.of(config),
     )  # fmt: skip
     return rollout, state.replace(key=key)
-
-
-def _static_settings(config: SamplingConfig) -> tuple[int, bool, int]:
-    """(top-k width, top-p on, response width): what a SamplingConfig fixes in the program."""
-    width = bucket_size(config.max_new_tokens, config.generation_buckets)
-    return config.top_k and _pow2_bucket(config.top_k, 8), config.top_p < 1.0, width
 
 
 def generate_rows(
@@ -364,7 +389,7 @@ def generate_rows(
     program. `loop_axes`: the names of the vmapped axes the call is inside (they share one
     decode loop, which runs until every row is done).
     """
+    program = GenerationProgram.of(graphdef, config, mesh, loop_axes)
     return _generate_program(
-        graphdef, *_static_settings(config), mesh, params, policy_version, keys, row_tokens,
-        row_mask, _Knobs.of(config), loop_axes=loop_axes,
-    )  # fmt: skip
+        program, params, policy_version, keys, row_tokens, row_mask, _Knobs.of(config)
+    )

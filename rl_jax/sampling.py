@@ -16,11 +16,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 _DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_temperature(temperature) -> None:
+    """The temperature rule, for every caller that takes one: a finite T > 0 (a traced
+    temperature is not a number here and is checked where it was made)."""
+    if isinstance(temperature, numbers.Real) and not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+
+
+def check_draw_settings(temperature, top_k, top_p) -> None:
+    """The rules of the draw settings: T > 0, top_k an int >= 0 (0 = off), top_p in (0, 1]."""
+    check_temperature(temperature)
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,12 +71,7 @@ class SamplingConfig:
         fix("stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
         fix("prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
         fix("generation_buckets", tuple(int(b) for b in self.generation_buckets))
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite float > 0, got {self.temperature}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p}")
+        check_draw_settings(self.temperature, self.top_k, self.top_p)
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         for name in ("eos_id", "pad_id"):

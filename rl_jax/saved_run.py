@@ -136,7 +136,7 @@ def load(files: RunFiles) -> SavedRun:
     """
     config = files.config
     run = build.build_run(config)
-    fsdp = config.fsdp if jax.device_count() % config.fsdp == 0 else 1
+    fsdp = config.memory.fsdp if jax.device_count() % config.memory.fsdp == 0 else 1
     mesh = parallel.make_mesh(fsdp)
     step_fn = train.make_step(config, run, mesh)
     params = jax.tree.map(

@@ -99,7 +99,8 @@ class RunState:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """The static settings of a run's step; `sample`, `learn` and `evaluate` compile once each.
+    """The static settings of a run's step; `sample`, `learn` and `evaluate` are its jitted
+    methods (the `Step` itself static: equal steps share compiled programs), each compiled once.
 
     learner: the update (`rl_jax.learner.Learner`); sampling: how tokens are drawn;
     schedule: the sync schedule; group_size: G; mesh: rows are split over all its devices;
@@ -131,26 +132,42 @@ class Step:
         )
         return jax.jit(jax.vmap(single))(stack(params), roots)
 
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def sample(self, state: RunState, prompt_tokens, prompt_mask, first_step):
         """Sync if due, then draw G responses per prompt for each step of a window.
 
         prompt_tokens, prompt_mask: `[runs, m, num_prompts, P]` left-padded, the prompts of steps
         first_step .. first_step + m - 1 (one window of `SyncSchedule.window`). Returns
-        (Rollout `[runs, m, rows, ...]`, state).
+        (Rollout `[runs, m, rows, ...]`, state); `state` is donated.
         """
-        return _sample(self, state, prompt_tokens, prompt_mask, first_step)
+        one = lambda s, tokens, mask: self._sample_one(s, tokens, mask, first_step)
+        return self.per_run(one, state, prompt_tokens, prompt_mask)
 
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def learn(self, state: RunState, window: Rollout, rewards, index, step):
         """Update on rollout `index` of `window` and its rewards (`[runs, m, rows]`) at learner
-        step `step`: (state, metrics), run axis first."""
-        return _learn(self, state, window, rewards, index, step)
+        step `step`: (state, metrics), run axis first; `state` is donated."""
+        one = lambda s, w, r: self._learn_one(s, w, r, index, step)
+        return self.per_run(one, state, window, rewards)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def evaluate(self, state: RunState, prompt_tokens, prompt_mask) -> Rollout:
         """One response per held-out prompt from the learner's policy, `[runs, num_prompts, ...]`.
 
         The same key at every evaluation, so successive evaluations differ by the policy only.
         """
-        return _evaluate(self, state, prompt_tokens, prompt_mask)
+        mesh = self.mesh
+        if mesh is not None and prompt_tokens.shape[0] % mesh.size:
+            mesh = None  # every device generates all of them
+
+        def one(params, version, root):
+            keys = row_keys(purpose_key(root, EVAL), prompt_tokens.shape[0])[1]
+            return generate_rows(
+                self.learner.graphdef, params, version, keys, prompt_tokens, prompt_mask,
+                self.sampling, mesh, loop_axes=(RUNS,),
+            )  # fmt: skip
+
+        return self.per_run(one, state.learner.params, state.learner.step, state.key)
 
     def per_run(self, fn, *runs):
         """`fn` applied to each run of `runs` (pytrees with a leading run axis), traced.
@@ -225,31 +242,3 @@ def rollout_metrics(rollout: Rollout, rewards, step, cap: int) -> dict:
         "staleness/max": jnp.max(staleness),
         "policy_version": jnp.max(rollout.policy_version).astype(jnp.float32),
     }
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, first_step):
-    one = lambda s, tokens, mask: step_fn._sample_one(s, tokens, mask, first_step)
-    return step_fn.per_run(one, state, prompt_tokens, prompt_mask)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _learn(step_fn: Step, state, window, rewards, index, step):
-    one = lambda s, w, r: step_fn._learn_one(s, w, r, index, step)
-    return step_fn.per_run(one, state, window, rewards)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _evaluate(step_fn: Step, state, prompt_tokens, prompt_mask):
-    mesh = step_fn.mesh
-    if mesh is not None and prompt_tokens.shape[0] % mesh.size:
-        mesh = None  # every device generates all of them
-
-    def one(params, version, root):
-        keys = row_keys(purpose_key(root, EVAL), prompt_tokens.shape[0])[1]
-        return generate_rows(
-            step_fn.learner.graphdef, params, version, keys, prompt_tokens, prompt_mask,
-            step_fn.sampling, mesh, loop_axes=(RUNS,),
-        )  # fmt: skip
-
-    return step_fn.per_run(one, state.learner.params, state.learner.step, state.key)

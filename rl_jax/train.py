@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, groups, guards, host_memory, parallel, run_dir
+from rl_jax import build, groups, guards, host_memory, models, parallel, run_dir
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
-from rl_jax.sampler import SamplingConfig
+from rl_jax.sampler import Rollout, SamplingConfig
 from rl_jax.step import RunState, Step
 
 
@@ -50,61 +50,58 @@ class RunResult:
 
 
 def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
-    """The run's jitted step from its config and its parts."""
+    """The run's jitted step: each component built from its part of the config and the run."""
+    draw, memory = config.sampling, config.memory
     sampling = SamplingConfig(
         eos_id=run.tokenizer.eos_id,
         pad_id=run.tokenizer.pad_id,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
+        temperature=draw.temperature,
+        top_k=draw.top_k,
+        top_p=draw.top_p,
         max_new_tokens=run.max_response_len,
         generation_buckets=(run.max_response_len,),
         prompt_buckets=(run.task.max_prompt_len,),
     )
     learner = Learner(
         graphdef=run.graphdef,
-        algorithm=config.algorithm_preset(),
-        optimizer=config.optimizer(),
+        algorithm=config.algorithm.preset(),
+        optimizer=config.optimizer,
+        steps=config.steps,
         group_size=config.group_size,
-        temperature=config.temperature,
-        micro_batches=config.micro_batches,
+        temperature=draw.temperature,
+        micro_batches=memory.micro_batches,
         ref_metrics=config.ref_metrics,
-        memory=config.memory_options(),
-        logprob_chunk=config.logprob_chunk,
+        memory=memory.options(),
+        logprob_chunk=memory.logprob_chunk,
         mesh=mesh,
     )
-    return Step(
-        learner, sampling, config.sync_schedule(), config.group_size, mesh, config.runs_per_batch
-    )
+    return Step(learner, sampling, config.sync, config.group_size, mesh, config.runs_per_batch)
 
 
 def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:
-    """Steps per generate call: the largest divisor of `sync_interval` (at most `steps`) whose
-    window's float32 KV cache fits `window_cap_gib` per device; 1 on-policy or with a cap of 0.
+    """Steps per generate call: the largest divisor of `sync.interval` (at most `steps`) whose
+    window's KV cache fits `sampling.window_cap_gib` per device; 1 on-policy or with a cap of 0.
 
-    One step's cache is rows * num_seeds * (prompt + response) positions of 2 * num_layers *
-    num_kv_heads * head_dim floats, its rows split over all devices.
+    One step's cache is rows * num_seeds rows, split over all devices, of the cache the model's
+    own `init_cache` allocates for (prompt + response) positions, in its compute dtype (measured
+    with `jax.eval_shape`: nothing is allocated).
     """
-    model = run.model_config
     positions = run.task.max_prompt_len + run.max_response_len
-    rows = config.prompts_per_step * config.group_size * config.num_seeds / jax.device_count()
-    per_step = rows * positions * 2 * model.num_layers * model.num_kv_heads * model.head_dim * 4
-    fits = max(1, int(config.window_cap_gib * 2**30 // per_step))
-    longest = min(config.sync_interval, config.steps, fits)
-    return max(d for d in range(1, longest + 1) if config.sync_interval % d == 0)
+    cache = jax.eval_shape(lambda: models.init_cache(run.model_config, 1, positions))
+    row_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    rows = config.rows * config.num_seeds / jax.device_count()
+    fits = max(1, int(config.sampling.window_cap_gib * 2**30 // (rows * row_bytes)))
+    interval = config.sync.interval
+    longest = min(interval, config.steps, fits)
+    return max(d for d in range(1, longest + 1) if interval % d == 0)
 
 
 def train(config: config_lib.TrainConfig) -> RunResult:
     """Runs (or resumes) the config's runs; returns their final state and metrics."""
     runs = config.runs()
-    rows, devices = config.prompts_per_step * config.group_size, jax.device_count()
-    if rows % devices:
-        raise build.InputError(
-            f"prompts_per_step * group_size = {rows} rows must divide over the {devices} devices "
-            f"of {jax.process_count()} process(es)"
-        )
+    parallel.check_rows(config.rows, jax.device_count(), "prompts_per_step * group_size")
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
-    mesh = parallel.make_mesh(config.fsdp)
+    mesh = parallel.make_mesh(config.memory.fsdp)
     for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
         run_dir.check_resume(single)
     for single in runs if primary else ():  # the first write: an unwritable out_dir fails here
@@ -203,6 +200,21 @@ def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, Ru
     return restored[0][0], jax.tree.map(stack, state, *[r[1] for r in restored])
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The batches of learner steps first .. first + length - 1, generated in one call by one
+    policy version (`SyncSchedule.window`): rollouts `[runs, length, rows, ...]` and their
+    rewards `[runs, length, rows]`, both on the devices."""
+
+    first: int
+    length: int
+    rollouts: Rollout
+    rewards: jax.Array
+
+    def holds(self, step: int) -> bool:
+        return 0 <= step - self.first < self.length
+
+
 @dataclasses.dataclass
 class HostSide:
     """What the host does around the jitted step: prompts, rewards, metric reads, evaluation."""
@@ -212,21 +224,23 @@ class HostSide:
     step_fn: Step
     mesh: object
     window_size: int = 1  # steps per generate call (`generation_window`)
-    _window: tuple | None = None  # (first step, steps, rollouts, rewards) of the current window
+    window: Window | None = None  # the current one
 
     def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
         """Learner step k of every run: sample (a new window when k is past the current one),
         score on the host, learn; each run's metrics."""
         config = self.config
         t0 = time.perf_counter()
-        if self._window is None or not 0 <= step - self._window[0] < self._window[1]:
+        if self.window is None or not self.window.holds(step):
             state = self._sample_window(state, step)
-        start, _, rollouts, rewards = self._window
+        window = self.window
         t1 = time.perf_counter()
-        state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step)
+        state, metrics = self.step_fn.learn(
+            state, window.rollouts, window.rewards, step - window.first, step
+        )
         metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
-        rows = config.prompts_per_step * config.group_size
+        rows = config.rows
         out = []
         for i in range(config.num_seeds):
             values = {name: float(value[i]) for name, value in metrics.items()}
@@ -245,7 +259,7 @@ class HostSide:
     def _sample_window(self, state: RunState, step: int) -> RunState:
         """Generates and scores the window of `SyncSchedule.window` that holds `step`."""
         config, task = self.config, self.run.task
-        start, length = config.sync_schedule().window(step, self.window_size)
+        start, length = self.step_fn.schedule.window(step, self.window_size)
         examples = [
             [task.sample_prompts((single.seed, k), config.prompts_per_step) for k in
              range(start, start + length)]
@@ -262,7 +276,7 @@ class HostSide:
             axis=1,
         )
         rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
-        self._window = (start, length, rollouts, rewards)
+        self.window = Window(start, length, rollouts, rewards)
         return state
 
     def evaluate(self, state: RunState) -> list[float]:
@@ -315,13 +329,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rl_jax.train",
         description="Train a policy with a group-relative REINFORCE preset (arXiv 2509.24203).",
-        epilog=config_lib.TrainConfig.__doc__,
+        epilog=config_lib.describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", default="embedded",
                         help=f"a preset {sorted(config_lib.PRESETS)} or a JSON file")  # fmt: skip
     parser.add_argument(
-        "overrides", nargs="*", help="key=value (JSON values; dotted keys for dicts)"
+        "overrides", nargs="*", help="key=value: a field's dotted path or shorthand (below)"
     )
     parser.add_argument("--out", help="output directory (the out_dir field)")
     args = parser.parse_args(argv)
@@ -334,9 +348,7 @@ def main(argv=None) -> int:
         if args.out:
             overrides["out_dir"] = args.out
         config = config_lib.build(args.config, overrides)
-        cpu_devices = parallel.use_cpu_cores(
-            config.prompts_per_step * config.group_size // config.micro_batches
-        )
+        cpu_devices = parallel.use_cpu_cores(config.rows // config.memory.micro_batches)
     except ValueError as err:
         return _report(err)
     if cpu_devices and cpu_devices > 1:

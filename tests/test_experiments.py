@@ -44,7 +44,11 @@ def test_seed_figure_writes_figure_metrics_and_summary(seed_run):
         run_dir = out / name
         assert (run_dir / "tensorboard").is_dir()
         config = json.loads((run_dir / "config.json").read_text())
-        assert (config["algorithm"], config["sync_interval"], config["seed"]) == (name, 20, 3)
+        assert (config["algorithm"]["name"], config["sync"]["interval"], config["seed"]) == (
+            name,
+            20,
+            3,
+        )
         assert config["prompts_per_step"] == 2 and config["steps"] == 2
         metrics = read_metrics(run_dir)
         assert [m["step"] for m in metrics] == [0, 1, 2]  # step 0: eval of the initial policy
@@ -123,9 +127,9 @@ def test_seed_figure_defaults_to_five_seeds_of_400_steps_and_studies_to_one():
 
 
 def test_overriding_a_field_the_experiment_varies_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"\['algorithm'\]"):
+    with pytest.raises(ValueError, match=r"\['algorithm.name'\]"):
         seed_figure.main(["--out", str(tmp_path), "algorithm=reinforce"])
-    with pytest.raises(ValueError, match="sync_interval"):
+    with pytest.raises(ValueError, match=r"\['sync.interval'\]"):
         sync_study.main(["--out", str(tmp_path), "sync_interval=5"])
     with pytest.raises(ValueError, match="unknown syncs"):
         red_study.main(["--out", str(tmp_path), "--syncs", "sync7"])
@@ -136,7 +140,7 @@ def test_sync_study_offline_run_never_syncs(tmp_path):
     outcomes = sync_study.main([*argv, "--syncs", "sync1,offline", *TINY])
     assert [o.spec.name for o in outcomes] == ["sync1/grpo", "offline/grpo"]
     offline = outcomes[1]
-    assert offline.config.sync_interval == 3  # longer than the run: data of version 0 only
+    assert offline.config.sync.interval == 3  # longer than the run: data of version 0 only
     assert [m["policy_version"] for m in offline.metrics[1:]] == [0, 0]
     assert [m["staleness/max"] for m in offline.metrics[1:]] == [0, 1]
     assert (tmp_path / "sync_study.png").stat().st_size > 20_000
@@ -150,7 +154,7 @@ def test_red_study_runs_red_weight_at_sync_20(tmp_path):
     argv = ["--steps", "2", "--out", str(tmp_path), "--algorithms", "red-weight"]
     outcomes = red_study.main([*argv, "--syncs", "sync20", *TINY])
     (outcome,) = outcomes
-    assert outcome.config.algorithm == "red-weight" and outcome.config.sync_interval == 20
+    assert outcome.config.algorithm.name == "red-weight" and outcome.config.sync.interval == 20
     assert (tmp_path / "sync20" / "red-weight" / "metrics.jsonl").is_file()
     assert (tmp_path / "red_study.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
@@ -183,27 +187,20 @@ def test_series_tail_mean_and_eval_stats_read_only_the_steps_that_log_a_key():
     assert np.isnan(common.tail_mean(metrics, "entropy", 2))
 
 
-def test_merge_layers_merges_dict_fields_one_level_deep():
-    merged = common.merge(
-        {"a": 1, "task_options": {"x": 1, "y": 2}}, {"a": 2, "task_options": {"y": 3}}
-    )
-    assert merged == {"a": 2, "task_options": {"x": 1, "y": 3}}
-
-
 def test_the_gsm8k_preset_gives_every_run_the_real_setup(tmp_path):
     parser = common.make_parser("doc", steps=400, out=str(tmp_path))
     args = parser.parse_args(["--config", "gsm8k-qwen2.5-1.5b", "eval_prompts=256"])
     configs = common.build_configs(seed_figure.specs(), args, seed_figure.DEFAULTS, ("algorithm",))
-    assert [c.algorithm for c in configs] == ["grpo", "rec-oneside-nois", "red-weight"]
+    assert [c.algorithm.name for c in configs] == ["grpo", "rec-oneside-nois", "red-weight"]
     for c in configs:
-        assert (c.task, c.prompts_per_step, c.learning_rate) == ("gsm8k", 96, 1e-6)
-        assert (c.sync_interval, c.eval_prompts, c.steps) == (20, 256, 400)
+        assert (c.task.name, c.prompts_per_step, c.optimizer.learning_rate) == ("gsm8k", 96, 1e-6)
+        assert (c.sync.interval, c.eval_prompts, c.steps) == (20, 256, 400)
     specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS, steps=400)
     configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
     assert len(configs) == 24 and len({c.out_dir for c in configs}) == 24
     wide = [c for c in configs if c.out_dir.endswith("offset10/rec-oneside-nois-wide")]
-    assert wide[0].algorithm_preset().loss.eps_high == 2.0 and wide[0].sync_offset == 10
-    assert wide[0].task == "gsm8k"
+    assert wide[0].algorithm.preset().loss.eps_high == 2.0 and wide[0].sync.offset == 10
+    assert wide[0].task.name == "gsm8k"
 
 
 def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
@@ -213,7 +210,7 @@ def test_command_line_algorithm_overrides_apply_under_each_runs_own(tmp_path):
     )
     specs = study.study_specs(sync_study.ALGORITHMS, sync_study.SYNCS[:1], steps=10)
     configs = common.build_configs(specs, args, sync_study.DEFAULTS, study.STUDY_VARIED)
-    losses = {pathlib.Path(c.out_dir).name: c.algorithm_preset().loss for c in configs}
+    losses = {pathlib.Path(c.out_dir).name: c.algorithm.preset().loss for c in configs}
     assert losses["reinforce"].clip == "one-side" and losses["reinforce"].eps_high == 0.5
     assert losses["rec-ring-nois"].clip == "one-side"
     wide = losses["rec-oneside-nois-wide"]

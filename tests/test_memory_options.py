@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rl_jax import algorithms, config, logprobs, losses, models
-from rl_jax.learner import Learner, float32_moments, make_optimizer, state_shardings
+from rl_jax.learner import Learner, float32_moments, state_shardings
 from rl_jax.models import MemoryOptions
 from rl_jax.models.attention import attend, attend_chunked, attend_dot_product
 from rl_jax.models.memory import LOOP_MAX_LAYERS
@@ -200,7 +200,7 @@ def test_bfloat16_steps_finite_with_float32_moments(tiny):
 
 
 def test_float32_moments_is_adamw_for_float32_params():
-    learner_tx = make_optimizer(Learner(None, algorithms.get("grpo")).optimizer)
+    learner_tx = Learner(None, algorithms.get("grpo")).optimizer.build(steps=0)
     tx = float32_moments(learner_tx)
     params = {"w": jnp.arange(6.0).reshape(2, 3)}
     grads = {"w": jnp.ones((2, 3)) * 0.3}
@@ -226,7 +226,7 @@ def test_bad_values_fail_before_compiling():
         ("param_dtype", "int8"), ("logprob_chunk", -1),
     ]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
-            config.TrainConfig(**{field: value})
+            config.build(None, **{field: value})
 
 
 def test_dtypes_reach_the_model_from_hf_and_warm_start(tmp_path):
@@ -242,8 +242,8 @@ def test_dtypes_reach_the_model_from_hf_and_warm_start(tmp_path):
     assert (loaded_config.dtype, loaded_config.param_dtype) == ("bfloat16", "bfloat16")
     leaves = jax.tree.leaves(nnx.state(loaded))
     assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
-    run_config = config.TrainConfig(compute_dtype="bfloat16", param_dtype="bfloat16")
-    new_config, recast = build._with_dtypes(tiny_config, model, run_config)
+    run_config = config.build(None, compute_dtype="bfloat16", param_dtype="bfloat16")
+    new_config, recast = build._with_dtypes(tiny_config, model, run_config.memory.dtypes)
     assert new_config.dtype == "bfloat16" and recast.config.param_dtype == "bfloat16"
     want = [x.astype(jnp.bfloat16) for x in jax.tree.leaves(nnx.state(model))]
     for a, b in zip(jax.tree.leaves(nnx.state(recast)), want, strict=True):

@@ -21,6 +21,7 @@ from rl_jax.metrics import read_metrics
 from rl_jax.tasks.arithmetic import ArithmeticTask
 from rl_jax.train import main
 
+FLAT_CONFIG = pathlib.Path(__file__).parent / "fixtures" / "flat_config.json"
 # eval_prompts=0 with eval_every=1: evaluation is disabled (it crashed at step 0 before).
 TINY = ["prompts_per_step=2", "group_size=2", "eval_every=1", "eval_prompts=0"]
 TINY += ["checkpoint_every=1", "keep_checkpoints=3"]
@@ -56,7 +57,7 @@ def finished(tmp_path_factory):
 
 
 def test_identity_is_every_field_but_length_cadence_and_place():
-    names = {field.name for field in dataclasses.fields(config_lib.TrainConfig)}
+    names = set(config_lib.field_paths())
     assert run_dir.RESUMABLE_FIELDS < names
     identity = run_dir.identity(dataclasses.asdict(config_lib.build("embedded")))
     assert set(identity) == names - run_dir.RESUMABLE_FIELDS
@@ -75,8 +76,8 @@ def _fake_run(out, **fields):
 @pytest.mark.parametrize(
     "override, field",
     [
-        ("algorithm=reinforce", "algorithm='grpo' -> 'reinforce'"),
-        ("learning_rate=1e-3", "learning_rate=2e-05 -> 0.001"),
+        ("algorithm=reinforce", "algorithm.name='grpo' -> 'reinforce'"),
+        ("learning_rate=1e-3", "optimizer.learning_rate=2e-05 -> 0.001"),
         ("group_size=4", "group_size=2 -> 4"),
         ("model=tiny", "model='warm-start' -> 'tiny'"),
     ],
@@ -103,7 +104,7 @@ def test_fewer_steps_and_a_decaying_schedule_are_refused(tmp_path, capsys):
     cosine = tmp_path / "cosine"
     _fake_run(cosine, lr_schedule="cosine", prompts_per_step=2, group_size=2, eval_prompts=0)
     status, errors = cli(capsys, cosine, "steps=500", "lr_schedule=cosine")
-    assert status == 2 and "steps=400 -> 500 (lr_schedule='cosine' decays" in errors[0]
+    assert status == 2 and "steps=400 -> 500 (optimizer.schedule='cosine' decays" in errors[0]
 
 
 def test_config_json_alone_identifies_a_run_without_checkpoints(tmp_path, capsys):
@@ -115,6 +116,34 @@ def test_config_json_alone_identifies_a_run_without_checkpoints(tmp_path, capsys
     assert (
         status == 2 and f"holds a different run ({out / 'config.json'}): seed=0 -> 3" in errors[0]
     )
+
+
+def _flat_layout(nested: dict) -> dict:
+    """A config in the flat layout of the code before the config had parts: its fields (those of
+    tests/fixtures/flat_config.json, written by that code) at the top level, by their old names."""
+    old_names = set(json.loads(FLAT_CONFIG.read_text()))
+    old_name = {path: alias for alias, path in config_lib.ALIASES.items()}
+    flat = config_lib.flatten(nested)
+    renamed = {old_name.get(path, path.rpartition(".")[2]): value for path, value in flat.items()}
+    return {name: value for name, value in renamed.items() if name in old_names}
+
+
+def test_a_run_written_in_the_flat_layout_resumes(finished, tmp_path, capsys):
+    """config.json and every checkpoint's stored config rewritten in the flat layout: the run
+    is still recognised as itself and extended; a changed field is refused by its path."""
+    out = tmp_path / "flat"
+    shutil.copytree(finished, out)
+    flat = _flat_layout(json.loads((out / "config.json").read_text()))
+    assert set(flat) == set(json.loads(FLAT_CONFIG.read_text()))  # every old field
+    (out / "config.json").write_text(json.dumps(flat))
+    for meta in (out / run_dir.CHECKPOINT_DIR).glob("*/meta/metadata"):
+        stored = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**stored, "config": json.dumps(flat)}))
+    status, errors = cli(capsys, out, "steps=3", "sync_interval=2")
+    assert status == 2 and "sync.interval=1 -> 2" in errors[0]
+    assert cli(capsys, out, "steps=3") == (0, [])
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["sync"] == {"interval": 1, "offset": 0}
 
 
 def test_a_finished_run_is_extended_as_if_it_had_run_longer(finished, tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_jitted_sample_and_learn_make_no_implicit_transfers(host):
         state, metrics = host.step_fn.learn(state, window, rewards, index, k)
         jax.block_until_ready(metrics)
     assert metrics["loss"].shape == (2,)
-    rows = config.prompts_per_step * config.group_size
+    rows = config.rows
     assert window.response_tokens.shape[:3] == (2, 1, rows)
 
 

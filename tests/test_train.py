@@ -41,7 +41,7 @@ def run(tmp_path, name, **fields):
 )
 def test_staleness_follows_the_schedule(tmp_path, interval, offset, steps):
     result = run(tmp_path, "r", sync_interval=interval, sync_offset=offset, steps=steps)
-    schedule = result.config.sync_schedule()
+    schedule = result.config.sync
     logged = read_metrics(tmp_path / "r")
     assert [m["step"] for m in logged] == list(range(1, steps + 1))
     for m in logged:

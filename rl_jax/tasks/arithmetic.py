@@ -21,7 +21,7 @@ import zlib
 
 import numpy as np
 
-from rl_jax.tasks.base import Example
+from rl_jax.tasks.base import Example, Seed
 from rl_jax.tokenizer import CharTokenizer
 
 _ANSWER = re.compile(r"#(-?\d+)")
@@ -144,8 +144,8 @@ class ArithmeticTask:
                 examples.append(Example(prompt=prompt, answer=str(sum(terms))))
         return examples
 
-    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]:
-        """n training prompts (never held-out ones); an int seed or a numpy Generator."""
+    def sample_prompts(self, rng: Seed, n: int) -> list[Example]:
+        """n training prompts (never held-out ones) drawn from `rng` (a `Seed`)."""
         if not isinstance(rng, np.random.Generator):
             rng = np.random.default_rng(rng)
         return self._draw(rng, n, held_out=False)

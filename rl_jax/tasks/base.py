@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
+
+# What `Task.sample_prompts` draws from: a numpy Generator, or a seed `np.random.default_rng`
+# takes (the training loop passes `(seed, step)`, so each step's prompts are fixed by both).
+Seed: TypeAlias = np.random.Generator | int | tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +33,7 @@ class Task(Protocol):
     max_prompt_len: int
     max_response_len: int
 
-    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]: ...
+    def sample_prompts(self, rng: Seed, n: int) -> list[Example]: ...
 
     def eval_examples(self, n: int | None = None) -> list[Example]: ...
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rl_jax import cache
-from rl_jax.tasks.base import Example
+from rl_jax.tasks.base import Example, Seed
 from rl_jax.tasks.gsm8k_reward import (
     TIMEOUT_SECONDS,
     RewardConfig,
@@ -79,7 +79,7 @@ def format_prompt(
 
 @dataclasses.dataclass(frozen=True)
 class GSM8KConfig:
-    """Options of `GSM8KTask` (the keyword arguments of `TrainConfig.task_options`).
+    """Options of `GSM8KTask` (the fields of a run's `task.options`).
 
     data_dir: directory with train.jsonl / test.jsonl in the original format, prepared through
       `gsm8k_builder.Gsm8kJsonl`; None uses the official TFDS ``gsm8k`` builder (downloads).
@@ -217,8 +217,8 @@ class GSM8KTask:
         """All training examples, in file order."""
         return list(self._train)
 
-    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[Example]:
-        """n distinct training examples drawn uniformly (an int seed or a numpy Generator);
+    def sample_prompts(self, rng: Seed, n: int) -> list[Example]:
+        """n distinct training examples drawn uniformly from `rng` (a `Seed`);
         batches are drawn independently, not as epochs."""
         if not 1 <= n <= len(self._train):
             raise ValueError(f"n must lie in [1, {len(self._train)}], got {n}")
