@@ -322,7 +322,15 @@ def load_base(base: str | None) -> dict:
     if base in PRESETS:
         return json.loads(json.dumps(PRESETS[base]))
     if pathlib.Path(base).is_file():
-        return json.loads(pathlib.Path(base).read_text())
+        try:
+            layer = json.loads(pathlib.Path(base).read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"config file {base} is not readable JSON ({error})") from None
+        if not isinstance(layer, dict):
+            raise ValueError(
+                f"config file {base} must hold a JSON object of fields, got {type(layer).__name__}"
+            )
+        return layer
     raise ValueError(f"config {base!r} is neither a preset {sorted(PRESETS)} nor a JSON file")
 
 
