@@ -54,6 +54,7 @@ def make_policy(config: TrainConfig, task) -> tuple[models.ModelConfig, Any, Any
         return (*_with_dtypes(model_config, model, config), task.tokenizer)
     dtypes = {"dtype": config.compute_dtype, "param_dtype": config.param_dtype}
     if config.model in models.config_names():
+        print(f"model={config.model!r} is an architecture preset: starting from random weights")
         model_config = dataclasses.replace(
             models.get_config(config.model, **dtypes), vocab_size=task.tokenizer.vocab_size
         )

@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 
-from rl_jax import algorithms
+from rl_jax import algorithms, numeric_bounds
 from rl_jax.sync import SyncSchedule
 
 TASKS = ("arithmetic", "gsm8k")
@@ -194,6 +194,7 @@ class TrainConfig:
         self.sync_schedule()
         self.optimizer()
         _check_memory(self)
+        numeric_bounds.check(self)  # every float finite in float32, temperature stable
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise ValueError(f"out_dir {self.out_dir!r} exists and is not a directory")
 
