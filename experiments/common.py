@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from experiments import intervals
+from rl_jax import atomic
 from rl_jax import config as config_lib
 
 DEFAULT_COMPILATION_CACHE = pathlib.Path.home() / ".cache" / "rl_jax" / "jax"
@@ -281,7 +282,7 @@ def write_summary(out: pathlib.Path, title: str, command: str, table: str, notes
     if notes:
         text += f"\n{notes.strip()}\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(text)
+    atomic.write_text(out / "summary.md", text)
     return text
 
 
@@ -329,7 +330,8 @@ def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -
     axes[0, 0].set_title(f"solid: {window}-step moving average; dashed: held-out eval", fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.replacing(path) as tmp:  # whole, even with another process on --out
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -367,5 +369,6 @@ def plot_reward_grid(
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    with atomic.replacing(path) as tmp:  # whole, even with another process on --out
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
