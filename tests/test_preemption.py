@@ -180,8 +180,11 @@ def test_two_runs_started_together_on_one_directory_leave_one_consistent_run(tmp
     out = tmp_path / "run"
     procs = [
         subprocess.Popen(
-            _cli(out, seed=seed, steps=3), env=_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            _cli(out, seed=seed, steps=3),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for seed in (0, 1)
     ]
