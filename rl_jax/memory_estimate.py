@@ -87,25 +87,25 @@ def available(environ=None) -> tuple[int | None, str, bool]:
     host's MemAvailable (None where none of them is known)."""
     limit = memory_limit(environ)
     if limit is not None:
-        return limit, f"the limit {LIMIT_ENV}", False
+        return limit, f"are allowed by {LIMIT_ENV}", False
     import jax
 
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return free, f"free on each {device.device_kind}", True
+        return free, f"are free on each {device.device_kind}", True
     try:
         with open("/proc/meminfo") as file:
             for line in file:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available on this host", False
+                    return int(line.split()[1]) * 1024, "are available on this host", False
     except OSError:
         pass
     try:
         return (
             os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
-            "free on this host",
+            "are free on this host",
             False,
         )
     except (ValueError, OSError):
@@ -164,5 +164,5 @@ def check(config, run, window: int) -> None:
         f"the run needs about {_gib(need.total)} {'per device' if per_device else 'in all'} "
         f"(state {_gib(need.state)}, update {_gib(need.update)}, KV cache "
         f"{_gib(need.kv_cache)}, activations {_gib(need.activations)}) but {_gib(limit)} "
-        f"are {where}; {advice} ({LIMIT_ENV} overrides the available memory)"
+        f"{where}; {advice}"
     )
