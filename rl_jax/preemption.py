@@ -80,8 +80,8 @@ def watch(process_count: int = 1):
         yield state
     finally:
         signal.set_wakeup_fd(previous_wakeup)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         os.close(write_fd)  # the thread reads end-of-file and returns
         thread.join(timeout=5)
         os.close(read_fd)
