@@ -180,8 +180,9 @@ def _train(config: config_lib.TrainConfig, watch: preemption.Watch) -> RunResult
                 _save(checkpointers, runs, state, step)
     for ckpt in checkpointers:
         ckpt.close()
-    if stopped is not None:
-        raise stopped  # after the metrics writers have flushed and closed
+    if stopped is not None:  # after the metrics writers have flushed and closed
+        print(stopped.message, flush=True)
+        raise stopped
     return RunResult(config, state, run_metrics)
 
 
@@ -392,8 +393,7 @@ def main(argv=None) -> int:
     created = run_dir.created_root(config.out_dir)
     try:
         result = train(config)
-    except preemption.Preempted as stop:
-        print(stop.message, flush=True)
+    except preemption.Preempted as stop:  # its line is printed
         return stop.code
     except run_lock.RunLockedError as err:
         return _report(err)  # the directory is another process's: nothing to clean up

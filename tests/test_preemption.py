@@ -180,7 +180,8 @@ def test_a_second_run_on_a_held_directory_is_refused_before_writing(tmp_path, ca
     assert not (out / run_lock.LOCK_FILE).exists()
 
 
-def test_two_runs_started_together_on_one_directory_leave_one_consistent_run(tmp_path):
+@pytest.mark.parametrize("seeds", [(0, 0), (0, 1)], ids=["same-config", "other-seed"])
+def test_two_runs_started_together_on_one_directory_leave_one_consistent_run(tmp_path, seeds):
     out = tmp_path / "run"
     procs = [
         subprocess.Popen(
@@ -189,13 +190,13 @@ def test_two_runs_started_together_on_one_directory_leave_one_consistent_run(tmp
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
-        for seed in (0, 1)
+        )
+        for seed in seeds
     ]
     outputs = [p.communicate(timeout=900) for p in procs]
     statuses = [p.returncode for p in procs]
     assert sorted(statuses) == [0, 2], outputs
-    winner, loser = statuses.index(0), statuses.index(2)
+    winner, loser = seeds[statuses.index(0)], statuses.index(2)
     errors = outputs[loser][1].strip().splitlines()
     assert len(errors) == 1 and "is in use by another run (PID" in errors[0], errors
     assert json.loads((out / "config.json").read_text())["seed"] == winner
