@@ -80,7 +80,8 @@ def _leaf_checksum(leaf) -> str:
 def _region_key(index: tuple, shape: tuple) -> str:
     """The region of a shard as "start:stop" per axis, e.g. "0:4,0:8" ("" for a scalar)."""
     return ",".join(
-        f"{s.indices(n)[0]}:{s.indices(n)[1]}" for s, n in zip(index, shape, strict=True)
+        f"{s.indices(n)[0]}:{s.indices(n)[1]}"
+        for s, n in zip(index[: len(shape)], shape, strict=True)
     )
 
 
