@@ -113,7 +113,8 @@ def _spread_checksums(leaves: list[jax.Array]) -> list[dict[str, str]]:
         for key, owner in plan:
             owned = owner == jax.process_index()
             mine.append(int(_leaf_checksum(local[key]), 16) if owned else 0)
-    gathered = multihost_utils.process_allgather(np.asarray(mine, np.int64))
+    # uint32: JAX without x64 would truncate int64; one process contributes each, so no overflow
+    gathered = multihost_utils.process_allgather(np.asarray(mine, np.uint32))
     crcs = iter(np.asarray(gathered).reshape(-1, len(mine)).sum(axis=0).tolist())
     return [{key: f"{next(crcs):08x}" for key, _ in plan} for plan in plans]
 
