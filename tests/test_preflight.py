@@ -99,3 +99,10 @@ def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path, capsys, text)
     assert errors[0].startswith(f"error: {out / 'config.json'} is not a readable config (it holds ")
     assert "not a JSON object); delete it, or pass another --out" in errors[0]
     assert json.loads((out / "config.json").read_text()) == json.loads(text)
+
+
+def test_a_preset_model_says_it_starts_from_random_weights(capsys):
+    config = config_lib.build("embedded", model="tiny")
+    build.make_policy(config, build.make_task(config))
+    out = capsys.readouterr().out
+    assert out == "model='tiny' is an architecture preset: starting from random weights\n"
