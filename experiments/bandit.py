@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import algorithms, host_memory
+from rl_jax import algorithms, atomic, host_memory
 from rl_jax.advantages import group_advantages
 from rl_jax.losses import policy_loss
 
@@ -149,7 +149,8 @@ def plot(results: dict[str, np.ndarray], variants, path: pathlib.Path) -> None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("3-arm bandit, behaviour policy [0.3, 0.6, 0.1] (arXiv 2509.24203)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic.replacing(path) as tmp:  # whole, even with another process on --out
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
     plot(results, VARIANTS, args.out / "bandit.png")
     table = summarize(results)
     header = f"steps={args.steps} seed={args.seed}\n\n"
-    (args.out / "summary.md").write_text(header + table + "\n")
+    atomic.write_text(args.out / "summary.md", header + table + "\n")
     print(table)
     print(
         f"\nwrote {args.out / 'bandit.png'} and summary.md in {time.perf_counter() - start:.1f} s"

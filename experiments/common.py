@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from experiments import intervals
-from rl_jax import cache
+from rl_jax import atomic, cache
 from rl_jax import config as config_lib
 
 # (metric, axis label) of the 2x2 training-dynamics figure (DESIGN.md §5 names).
@@ -266,7 +266,7 @@ def write_summary(out: pathlib.Path, title: str, command: str, table: str, notes
     if notes:
         text += f"\n{notes.strip()}\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(text)
+    atomic.write_text(out / "summary.md", text)
     return text
 
 
@@ -338,7 +338,8 @@ def plot_dynamics(outcomes: Sequence[Outcome], title: str, path: pathlib.Path) -
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
+    with atomic.replacing(path) as tmp:  # whole, even with another process on --out
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -376,5 +377,6 @@ def plot_reward_grid(
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    with atomic.replacing(path) as tmp:  # whole, even with another process on --out
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

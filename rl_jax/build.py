@@ -45,6 +45,7 @@ def make_policy(config: TrainConfig, task: Task) -> tuple[models.ModelConfig, An
         model_config, model = warm_start.load_or_train(task)
         return (*_with_dtypes(model_config, model, dtypes), task.tokenizer)
     if config.model in models.config_names():
+        print(f"model={config.model!r} is an architecture preset: starting from random weights")
         model_config = dataclasses.replace(
             models.get_config(config.model, **dtypes), vocab_size=task.tokenizer.vocab_size
         )

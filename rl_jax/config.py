@@ -27,7 +27,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rl_jax import groups
+from rl_jax import groups, numeric_bounds
 from rl_jax.config_sections import (
     AlgorithmConfig,
     MemoryConfig,
@@ -119,6 +119,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        numeric_bounds.check(self)  # every float finite in float32
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise ValueError(f"out_dir {self.out_dir!r} exists and is not a directory")
 

@@ -14,7 +14,9 @@ A run resumed from the checkpoint of step s keeps the lines with step <= s and a
 there, so its file equals the file of an uninterrupted run. The TensorBoard writer marks the
 same point with a purge step, which makes TensorBoard discard the older events of steps > s.
 Every step 1..s must then have its line: a file that lost some (deleted, or cut short by hand)
-is refused with `MetricsGapError` rather than continued with a gap. It is not rebuilt: the file
+is refused with `MetricsGapError` rather than continued with a gap. That rewrite replaces the file
+(atomically) while nothing appends to it: `rl_jax.run_lock` keeps a second run out of the
+directory. It is not rebuilt: the file
 is the run's only record of its metrics, and keeping a second copy in every checkpoint would
 give two records that can disagree.
 """
@@ -31,6 +33,8 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
+
+from rl_jax import atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -153,12 +157,7 @@ def _truncate_after(path: pathlib.Path, resume_step: int) -> None:
     if resume_step > 0 and path.exists():
         parsed = _parse_lines(path.read_text(), str(path))
         kept = [line for line, record in parsed if record["step"] <= resume_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.writelines(line + "\n" for line in kept)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _import_tensorboardx():

@@ -17,18 +17,20 @@ existing `out_dir`, `check_resume` compares:
 
 `write_config` writes `config.json` only after that decision (atomically, so a kill never leaves
 a torn one). `created_root` and `remove_if_no_output` let the CLI remove a directory it created
-for a run that failed before writing any metrics or checkpoint.
+for a run that failed before writing any metrics or checkpoint, unless another process holds
+it by then (`rl_jax.run_lock`; `train` takes that lock before `check_resume`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
 from collections.abc import Mapping
 
-from rl_jax import checkpoint
+from rl_jax import atomic, checkpoint, run_lock
 from rl_jax import config as config_lib
 from rl_jax.config import TrainConfig
 from rl_jax.metrics import METRICS_FILE
@@ -62,20 +64,23 @@ def _stored_config(out: pathlib.Path) -> tuple[dict, str] | None:
     checkpoints = out / CHECKPOINT_DIR
     for step in reversed(checkpoint.finished_steps(checkpoints)):
         try:
-            return json.loads(checkpoint.read_meta(checkpoints, step)["config"]), (
-                f"its checkpoint of step {step}"
-            )
+            stored = json.loads(checkpoint.read_meta(checkpoints, step)["config"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable: restore_latest reports it and falls back to an older one
+        if isinstance(stored, dict):
+            return stored, f"its checkpoint of step {step}"
     path = out / CONFIG_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()), str(path)
+        stored = json.loads(path.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError(f"it holds {type(stored).__name__} {stored!r:.40}, not a JSON object")
     except (UnicodeDecodeError, ValueError) as error:
         raise RunDirError(
             f"{path} is not a readable config ({error}); delete it, or pass another --out"
         ) from error
+    return stored, str(path)
 
 
 def _start_afresh(out: pathlib.Path) -> str:
@@ -122,10 +127,7 @@ def check_resume(config: TrainConfig) -> None:
 
 def write_config(config: TrainConfig) -> None:
     """Writes `<out_dir>/config.json` atomically (call after `check_resume`)."""
-    path = pathlib.Path(config.out_dir) / CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config.to_json())
-    os.replace(tmp, path)
+    atomic.write_text(pathlib.Path(config.out_dir) / CONFIG_FILE, config.to_json())
 
 
 def created_root(out_dir: str | os.PathLike) -> pathlib.Path | None:
@@ -140,14 +142,21 @@ def created_root(out_dir: str | os.PathLike) -> pathlib.Path | None:
 
 def remove_if_no_output(root: pathlib.Path | None, config: TrainConfig) -> None:
     """Removes `root` (from `created_root`) if none of the config's runs wrote a metrics line
-    or a checkpoint."""
+    or a checkpoint, and no other process holds one of their directories (`run_lock`): a run
+    that started there meanwhile keeps it."""
     if root is None or not root.exists():
         return
-    for single in config.runs():
-        out = pathlib.Path(single.out_dir)
-        metrics = out / METRICS_FILE
-        if checkpoint.finished_steps(out / CHECKPOINT_DIR) or (
-            metrics.is_file() and metrics.stat().st_size
-        ):
-            return
-    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.ExitStack() as held:
+        for single in config.runs():
+            out = pathlib.Path(single.out_dir)
+            if out.is_dir():
+                try:
+                    held.enter_context(run_lock.hold(out))
+                except run_lock.RunLockedError:
+                    return
+            metrics = out / METRICS_FILE
+            if checkpoint.finished_steps(out / CHECKPOINT_DIR) or (
+                metrics.is_file() and metrics.stat().st_size
+            ):
+                return
+        shutil.rmtree(root, ignore_errors=True)

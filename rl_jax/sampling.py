@@ -20,17 +20,34 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+# The smallest temperature that samples stably. The sampler and the learner compute
+# log softmax(z / T) in two different programs, and float32 rounds a logit z of magnitude 100 to
+# within 100 * 2**-24 = 6e-6; dividing by T scales that disagreement to 6e-6 / T nats per token in
+# the importance ratio. At T = 1e-3 it is 0.006 nats, well inside the ratio's trust region (PPO
+# clip 0.2); at T = 1e-9 the first ratios overflow and the loss is not finite. Greedy decoding is
+# `top_k=1`, not a tiny temperature.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
+
 def check_temperature(temperature) -> None:
-    """The temperature rule, for every caller that takes one: a finite T > 0 (a traced
-    temperature is not a number here and is checked where it was made)."""
-    if isinstance(temperature, numbers.Real) and not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    """The temperature rule, for every caller that takes one: MIN_TEMPERATURE <= T, finite in
+    float32 (a traced temperature is not a number here and is checked where it was made)."""
+    if not isinstance(temperature, numbers.Real):
+        return
+    if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be finite in float32 and > 0, got {temperature!r}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE} to sample stably in float32, got "
+            f"{temperature!r} (float32 rounding of the logits, divided by the temperature, "
+            "becomes the importance ratio's error); for greedy decoding use top_k=1"
+        )
 
 
 def check_draw_settings(temperature, top_k, top_p) -> None:

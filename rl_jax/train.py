@@ -26,7 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_jax import build, groups, guards, host_memory, models, parallel, run_dir
+from rl_jax import (
+    build,
+    groups,
+    guards,
+    host_memory,
+    memory_estimate,
+    models,
+    parallel,
+    preemption,
+    run_dir,
+    run_lock,
+)
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
@@ -97,7 +108,19 @@ def generation_window(config: config_lib.TrainConfig, run: build.Run) -> int:
 
 
 def train(config: config_lib.TrainConfig) -> RunResult:
-    """Runs (or resumes) the config's runs; returns their final state and metrics."""
+    """Runs (or resumes) the config's runs; returns their final state and metrics.
+
+    Holds each run's directory for its life (`run_lock`: another process on it is refused) and
+    stops on SIGTERM / SIGINT after saving the last finished step (`preemption`: raises
+    `preemption.Preempted`).
+    """
+    out_dirs, processes = [_out(single) for single in config.runs()], jax.process_count()
+    with run_lock.hold_runs(out_dirs, jax.process_index() == 0, processes):
+        with preemption.watch(processes) as watch:
+            return _train(config, watch)
+
+
+def _train(config: config_lib.TrainConfig, watch: preemption.Watch) -> RunResult:
     runs = config.runs()
     parallel.check_rows(config.rows, jax.device_count(), "prompts_per_step * group_size")
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
@@ -107,6 +130,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
     for single in runs if primary else ():  # the first write: an unwritable out_dir fails here
         _out(single).mkdir(parents=True, exist_ok=True)
     run = build.build_run(config)
+    memory_estimate.check(config, run, generation_window(config, run))  # before compiling
     step_fn = make_step(config, run, mesh)
     shardings = parallel.param_shardings(run.params, mesh)
     params = jax.tree.map(parallel.from_host, run.params, shardings)
@@ -122,6 +146,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
     start, state = restore(checkpointers, state)
     host = HostSide(config, run, step_fn, mesh, window_size=generation_window(config, run))
     run_metrics = [[] for _ in runs]
+    stopped = None
     with contextlib.ExitStack() as stack:
         writers = [
             stack.enter_context(
@@ -139,6 +164,9 @@ def train(config: config_lib.TrainConfig) -> RunResult:
             for writer, reward in zip(writers, host.evaluate(state), strict=True):
                 writer.write(0, {"eval/reward": reward})
         for step in range(start + 1, config.steps + 1):
+            if watch.should_stop():  # a SIGTERM / SIGINT: save the last finished step and exit
+                stopped = _stop(config, checkpointers, state, step - 1, start, watch.signum)
+                break
             state, step_metrics = host.step(state, step)
             if config.evaluates_at(step):
                 for metrics, reward in zip(step_metrics, host.evaluate(state), strict=True):
@@ -147,12 +175,34 @@ def train(config: config_lib.TrainConfig) -> RunResult:
                 writer.write(step, metrics)
                 log.append({"step": step, **metrics})
             if checkpointers[0].should_save(step, config.steps):
-                for i, (ckpt, single) in enumerate(zip(checkpointers, runs, strict=True)):
-                    run_state = jax.tree.map(lambda x, i=i: x[i], state)
-                    ckpt.save(step, run_state, {"step": step, "config": single.to_json()})
+                _save(checkpointers, runs, state, step)
     for ckpt in checkpointers:
         ckpt.close()
+    if stopped is not None:  # after the metrics writers have flushed and closed
+        print(stopped.message, flush=True)
+        raise stopped
     return RunResult(config, state, run_metrics)
+
+
+def _save(checkpointers: list[Checkpointer], runs, state: RunState, step: int) -> None:
+    """Saves each run's slice of `state` as its checkpoint of `step`."""
+    for i, (ckpt, single) in enumerate(zip(checkpointers, runs, strict=True)):
+        run_state = jax.tree.map(lambda x, i=i: x[i], state)
+        ckpt.save(step, run_state, {"step": step, "config": single.to_json()})
+
+
+def _stop(config, checkpointers, state, last: int, start: int, signum: int):
+    """Saves the checkpoint of `last` (the last finished step) unless it exists; the
+    `preemption.Preempted` to raise once the metrics are flushed."""
+    where = f"in {config.out_dir}; rerun the same command to resume"
+    if last == start:
+        saved = f"checkpoint {last} is the newest" if last else "nothing to save"
+        return preemption.Preempted(signum, f"preempted at step {last}: {saved} {where}")
+    if last not in checkpointers[0].steps:
+        _save(checkpointers, config.runs(), state, last)
+    return preemption.Preempted(
+        signum, f"preempted at step {last}: saved checkpoint {last} {where}"
+    )
 
 
 class _NoWriter:
@@ -356,6 +406,10 @@ def main(argv=None) -> int:
     created = run_dir.created_root(config.out_dir)
     try:
         result = train(config)
+    except preemption.Preempted as stop:  # its line is printed
+        return stop.code
+    except run_lock.RunLockedError as err:
+        return _report(err)  # the directory is another process's: nothing to clean up
     except (ValueError, OSError, ImportError, guards.NonFiniteError, CheckpointSaveError) as err:
         run_dir.remove_if_no_output(created, config)
         return _report(err)

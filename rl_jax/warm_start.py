@@ -19,7 +19,8 @@ made responses longer instead. Loss: token-mean cross-entropy on response tokens
 
 Results are cached under `$RL_JAX_CACHE/warm_start/<hash>` (default `~/.cache/rl_jax`), keyed by
 the task, model and warm-start configs and the source of the modules the weights depend on, and
-written atomically (temporary directory + rename).
+written atomically (temporary directory + rename). Processes that need the same missing policy at
+once train it once: the first holds a lock beside the entry, the others wait and load its result.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rl_jax import cache, models, sampler, sampling
+from rl_jax import cache, models, run_lock, sampler, sampling
 from rl_jax.tasks.arithmetic import ArithmeticTask, classify, parse_terms
 from rl_jax.tasks.arithmetic import solution as chain_solution
 
@@ -319,21 +320,24 @@ def load_or_train(
     task = task or ArithmeticTask()
     config = config or WarmStartConfig()
     path = cache_dir(task, config)
-    if not (path / "warm_start.json").exists():
-        start = time.perf_counter()
-        model_cfg, model, losses = train(task, config, log_every=100 if verbose else 0)
-        train_seconds = time.perf_counter() - start
-        metrics = evaluate(task, *nnx.split(model, nnx.Param), config.num_eval, seed=config.seed)
-        report = {
-            "task": dataclasses.asdict(task.config),
-            "warm_start": dataclasses.asdict(config),
-            "final_loss": float(np.mean(losses[-20:])),
-            "train_seconds": train_seconds,
-            "eval": metrics,
-        }
-        _save_atomically(path, model_cfg, model, report)
-        if verbose:
-            print(f"warm start saved to {path}", flush=True)
-    elif verbose:
-        print(f"warm start loaded from {path}", flush=True)
+    # One process trains a missing policy; the others wait for it and load its result.
+    with run_lock.exclusive(path.parent / f".{path.name}.lock"):
+        if not (path / "warm_start.json").exists():
+            start = time.perf_counter()
+            model_cfg, model, losses = train(task, config, log_every=100 if verbose else 0)
+            train_seconds = time.perf_counter() - start
+            split = nnx.split(model, nnx.Param)
+            metrics = evaluate(task, *split, config.num_eval, seed=config.seed)
+            report = {
+                "task": dataclasses.asdict(task.config),
+                "warm_start": dataclasses.asdict(config),
+                "final_loss": float(np.mean(losses[-20:])),
+                "train_seconds": train_seconds,
+                "eval": metrics,
+            }
+            _save_atomically(path, model_cfg, model, report)
+            if verbose:
+                print(f"warm start saved to {path}", flush=True)
+        elif verbose:
+            print(f"warm start loaded from {path}", flush=True)
     return models.load_hf_checkpoint(path)

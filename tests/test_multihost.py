@@ -1,6 +1,7 @@
 """Two processes with two CPU devices each (jax.distributed on 127.0.0.1, gloo collectives) run
 the embedded default as one job: the same metrics and parameters as one process with four
-devices, and a SIGKILL of one process followed by a restart of both resumes."""
+devices, a SIGKILL of one process followed by a restart of both resumes, and a SIGTERM to both
+saves one step (with checksums of every shard) that a restart resumes."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from rl_jax import build, parallel
+from rl_jax import build, checkpoint, parallel
 from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer
 from rl_jax.metrics import read_metrics
@@ -138,3 +139,35 @@ def test_sigkill_of_one_process_then_a_restart_of_both_resumes(reference, tmp_pa
     for a, b in zip(got, want, strict=True):
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_sigterm_to_both_processes_saves_the_same_step_and_a_restart_resumes(reference, tmp_path):
+    out = tmp_path / "preempted"
+    procs = _start_job(out)
+    deadline = time.time() + 900
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").exists() and [m for m in read_metrics(out) if m["step"] >= 1]
+    ):
+        time.sleep(0.05)
+    for proc in procs:  # a preempted slice: every host gets the signal
+        proc.send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [text[-3000:] for text in outputs]
+    stopped = read_metrics(out)[-1]["step"]
+    assert 1 <= stopped < FIELDS["steps"], "the job finished before the signal"
+    for text in outputs:
+        assert f"preempted at step {stopped}: saved checkpoint {stopped} in {out}" in text
+    assert checkpoint.finished_steps(out / "checkpoints")[-1] == stopped
+    # The state is spread over both processes: every array is checksummed shard by shard.
+    checksums = checkpoint.read_meta(out / "checkpoints", stopped)[checkpoint.CHECKSUMS_KEY]
+    assert all(isinstance(shards, dict) and shards for shards in checksums.values())
+
+    outputs = _finish(_start_job(out))  # verifies the shards it restores
+    assert f"resuming {out} from step {stopped}" in outputs[0]
+    got, want = UNTIMED(read_metrics(out)), UNTIMED(read_metrics(reference))
+    assert [m["step"] for m in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(got, want, strict=True):  # 2 x 2 devices vs 1 x 4: a different program
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(_final_params(out), _final_params(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # whole-array restore checks shards

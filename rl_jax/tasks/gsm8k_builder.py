@@ -10,6 +10,8 @@ source file and `load_split` restores file order.
     examples = load_split("../shared/data/gsm8k", "test", tfds_data_dir="~/.cache/rl_jax/tfds")
 
 The prepared files remember the sha256 of their source file; a changed source is prepared again.
+Several processes may share one `tfds_data_dir` (the default cache): they prepare one at a time
+(`rl_jax.run_lock.exclusive`), and those that wait find the dataset prepared and read it.
 
 Machines that can download may instead use the official TFDS ``gsm8k`` builder (same rows,
 fetched from GitHub): `load_official_split("test", tfds_data_dir)` (also needs the small
@@ -34,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from rl_jax.run_lock import exclusive
 from rl_jax.tasks.gsm8k_reward import gold_number
 
 SPLITS = ("train", "test")
@@ -183,17 +186,17 @@ class Gsm8kJsonl(tfds.core.GeneratorBasedBuilder):
 
 def prepare(jsonl_dir: str | pathlib.Path, tfds_data_dir: str | pathlib.Path) -> Gsm8kJsonl:
     """Prepares (once per source content) and returns the builder over `tfds_data_dir`."""
-    builder = Gsm8kJsonl(
-        data_dir=str(pathlib.Path(tfds_data_dir).expanduser()), file_format="array_record"
-    )
+    data_dir = pathlib.Path(tfds_data_dir).expanduser()
     fingerprints = source_fingerprints(jsonl_dir)
-    stale = builder.is_prepared() and builder.info.metadata.get("source_sha256") != fingerprints
-    mode = tfds.download.GenerateMode
-    mode = mode.REUSE_CACHE_IF_EXISTS if stale else mode.REUSE_DATASET_IF_EXISTS
-    config = tfds.download.DownloadConfig(
-        manual_dir=str(pathlib.Path(jsonl_dir).expanduser()), download_mode=mode
-    )
-    builder.download_and_prepare(download_config=config)
+    with exclusive(data_dir / f".{Gsm8kJsonl.name}.lock"):  # one preparation at a time
+        builder = Gsm8kJsonl(data_dir=str(data_dir), file_format="array_record")
+        stale = builder.is_prepared() and builder.info.metadata.get("source_sha256") != fingerprints
+        mode = tfds.download.GenerateMode
+        mode = mode.REUSE_CACHE_IF_EXISTS if stale else mode.REUSE_DATASET_IF_EXISTS
+        config = tfds.download.DownloadConfig(
+            manual_dir=str(pathlib.Path(jsonl_dir).expanduser()), download_mode=mode
+        )
+        builder.download_and_prepare(download_config=config)
     return builder
 
 
@@ -262,12 +265,14 @@ def load_official_split(split: str, tfds_data_dir) -> list[GSM8KExample]:
         # tfds 4.9 locates its own builders through this backport but declares it only for
         # Python < 3.9 (our `Gsm8kJsonl.code_path` sidesteps the same probe).
         raise ImportError("the official TFDS gsm8k builder needs `pip install importlib_resources`")
-    source = tfds.data_source(
-        "gsm8k",
-        split=split,
-        data_dir=str(pathlib.Path(tfds_data_dir).expanduser()),
-        builder_kwargs={"file_format": "array_record"},
-        download=True,
-    )
+    data_dir = pathlib.Path(tfds_data_dir).expanduser()
+    with exclusive(data_dir / ".gsm8k.lock"):  # one download and preparation at a time
+        source = tfds.data_source(
+            "gsm8k",
+            split=split,
+            data_dir=str(data_dir),
+            builder_kwargs={"file_format": "array_record"},
+            download=True,
+        )
     records = source.__getitems__(range(len(source)))
     return _examples(records, indices=range(len(records)))
