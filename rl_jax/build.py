@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from rl_jax import models
+from rl_jax import hub, models
 from rl_jax.config import TrainConfig
 from rl_jax.models.hf import read_hf_config
 from rl_jax.tasks import Task
@@ -68,11 +68,12 @@ def check_model_dir(model: str) -> None:
     """The cheap checks of a `model` that names no preset: a directory holding config.json and a
     safetensors checkpoint (`load_hf_checkpoint` reads and checks the rest)."""
     allowed = (
-        f"'warm-start', a preset {list(models.config_names())}, or a Hugging Face model directory"
+        f"'warm-start', a preset {list(models.config_names())}, a Hugging Face model directory "
+        "or hub id (ORG/NAME)"
     )
     path = pathlib.Path(model)
     if not path.is_dir():
-        raise ValueError(f"model must be {allowed}; {model!r} is neither a preset nor a directory")
+        raise ValueError(f"model must be {allowed}; {model!r} is none of them (no such directory)")
     found = sorted(p.name for p in path.iterdir())
     if "config.json" not in found:
         raise ValueError(f"model directory {path} has no config.json (found {found})")
@@ -110,6 +111,8 @@ def build_run(config: TrainConfig) -> Run:
 
 def _build_run(config: TrainConfig) -> Run:
     hf_dir = config.model != "warm-start" and config.model not in models.config_names()
+    if hf_dir and hub.is_hub_id(config.model):  # fetched into the cache, or one error line
+        config = dataclasses.replace(config, model=hub.resolve(config.model))
     if hf_dir:  # fail on a bad model directory before the data is prepared
         check_model_dir(config.model)
     task = config.task.make()

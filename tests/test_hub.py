@@ -57,3 +57,15 @@ def test_offline_mode_uses_the_cache_and_says_how_to_go_without_it(tmp_path):
     )
     assert "model='tiny-org/not-cached' is not a local directory" in error
     assert "offline mode" in error and "--local-dir DIR" in error and "model=DIR" in error
+
+
+def test_the_cli_refuses_an_uncached_hub_model_offline_in_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RL_JAX_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "rl_jax.train", "embedded", "model=tiny-org/tiny-model",
+               "steps=1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: model='tiny-org/tiny-model' is not a local directory")
+    assert not out.exists()

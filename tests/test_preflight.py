@@ -103,6 +103,6 @@ def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path, capsys, text)
 
 def test_a_preset_model_says_it_starts_from_random_weights(capsys):
     config = config_lib.build("embedded", model="tiny")
-    build.make_policy(config, build.make_task(config))
+    build.make_policy(config, config.task.make())
     out = capsys.readouterr().out
     assert out == "model='tiny' is an architecture preset: starting from random weights\n"

@@ -159,9 +159,13 @@ class GSM8KTask:
                     "tokenizer must be given (a path to tokenizer.json or a model directory): "
                     "prompt lengths are counted in the policy's tokens"
                 )
+            from rl_jax import hub
             from rl_jax.tokenizer import HFTokenizer
 
-            tokenizer = HFTokenizer(self.config.tokenizer)
+            path = self.config.tokenizer
+            if hub.is_hub_id(path):  # the model's hub id: its tokenizer files from the cache
+                path = hub.resolve(path, field="task.options.tokenizer")
+            tokenizer = HFTokenizer(path)
         self.tokenizer = tokenizer
         self.reward_config = RewardConfig(
             self.config.accuracy_weight, self.config.format_weight, self.config.timeout_seconds
