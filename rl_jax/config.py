@@ -91,6 +91,9 @@ class TrainConfig:
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
       positions per block of the log-prob / entropy / KL pass (0 = one block). README,
       "Accelerators", gives the settings for each machine.
+    packing: the learner's forward passes on packed sequences (each micro-batch's rows laid end
+      to end without their padding, `rl_jax.packing`): the same loss, metrics and gradients,
+      for the cost of the real tokens.
     out_dir: where metrics, TensorBoard events, checkpoints and config.json go; rerunning into
       it resumes the run there, with the same fields but steps (which may grow) and the
       eval/checkpoint cadence (`rl_jax.run_dir`).
@@ -132,6 +135,7 @@ class TrainConfig:
     remat: str = "none"
     attention: str = "xla"
     logprob_chunk: int = 0
+    packing: bool = False
     out_dir: str = "runs/default"
 
     def __post_init__(self):

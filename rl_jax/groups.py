@@ -9,9 +9,10 @@ kernel sees `to_groups(rewards)` of shape `[num_groups, G]`. Works on numpy and 
 from __future__ import annotations
 
 
-def rows_from_prompts(x, group_size: int):
-    """`[num_prompts, ...]` -> `[num_prompts * G, ...]`, each prompt repeated G times in place."""
-    return x.repeat(group_size, axis=0)
+def rows_from_prompts(x, group_size: int, axis: int = 0):
+    """`[num_prompts, ...]` -> `[num_prompts * G, ...]`, each prompt repeated G times in place
+    (along `axis`, the prompt axis)."""
+    return x.repeat(group_size, axis=axis)
 
 
 def to_groups(x, group_size: int):

@@ -2,7 +2,7 @@
 
     window, state  = step.sample(state, prompt_tokens, prompt_mask, k0)     jitted
     rewards        = task reward of window.response_tokens                 the host boundary
-    state, metrics = step.learn(state, window, rewards, k - k0, k)         jitted, k in window
+    state, metrics = step.learn(state, window, rewards, k - k0, k, pack)   jitted, k in window
 
 `RunState` holds everything a run carries from step to step: the learner's state, the sampler's
 (possibly stale) parameters and policy version, the pending snapshots of the sync schedule, the
@@ -15,7 +15,8 @@ keys a call for that step alone would give them. `learn` scores one step's rollo
 window, updates the learner, keeps
 its new parameters in `pending` when a later step samples from them, and returns the step's
 metrics as device arrays (read once, when they are logged). Token ids out and rewards in are the
-only host transfers of a step.
+only host transfers of a step (with packing, also the response lengths out and the step's
+`Packing`, planned on the host from them, in).
 
 Every array of a `RunState` has a leading run axis: `num_seeds` runs (one per seed) are one
 compiled program, and run i computes what a single run of seed i computes. The program vmaps
@@ -140,10 +141,11 @@ class Step:
         """
         return _sample(self, state, prompt_tokens, prompt_mask, first_step)
 
-    def learn(self, state: RunState, window: Rollout, rewards, index, step):
+    def learn(self, state: RunState, window: Rollout, rewards, index, step, pack=None):
         """Update on rollout `index` of `window` and its rewards (`[runs, m, rows]`) at learner
-        step `step`: (state, metrics), run axis first."""
-        return _learn(self, state, window, rewards, index, step)
+        step `step`: (state, metrics), run axis first. `pack`: the step's `Packing` with a run
+        axis (`Learner.pack`), when the learner packs."""
+        return _learn(self, state, window, rewards, index, step, pack)
 
     def evaluate(self, state: RunState, prompt_tokens, prompt_mask) -> Rollout:
         """One response per held-out prompt from the learner's policy, `[runs, num_prompts, ...]`.
@@ -198,12 +200,12 @@ class Step:
         window = jax.tree.map(lambda x: x.reshape(num_steps, rows, *x.shape[1:]), rollout)
         return window, state.replace(sampler=sampler, pending=pending)
 
-    def _learn_one(self, state: RunState, window: Rollout, rewards, index, step):
+    def _learn_one(self, state: RunState, window: Rollout, rewards, pack, index, step):
         rollout = jax.tree.map(lambda x: x[index], window)
         batch = TrainBatch.from_rollout(rollout, rewards[index])
         ref_params = state.ref_params if self.learner.ref_metrics else None
         key = purpose_key(state.key, LEARN, step)
-        learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key)
+        learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key, pack)
         due = self.schedule.snapshot_due(step)
         pending = state.pending.push(step, learner.params, due)
         metrics.update(rollout_metrics(rollout, batch.rewards, step, self.sampling.max_new_tokens))
@@ -234,9 +236,9 @@ def _sample(step_fn: Step, state, prompt_tokens, prompt_mask, first_step):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _learn(step_fn: Step, state, window, rewards, index, step):
-    one = lambda s, w, r: step_fn._learn_one(s, w, r, index, step)
-    return step_fn.per_run(one, state, window, rewards)
+def _learn(step_fn: Step, state, window, rewards, index, step, pack):
+    one = lambda s, w, r, p: step_fn._learn_one(s, w, r, p, index, step)
+    return step_fn.per_run(one, state, window, rewards, pack)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -72,6 +72,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         memory=config.memory_options(),
         logprob_chunk=config.logprob_chunk,
         mesh=mesh,
+        packing=config.packing,
     )
     return Step(
         learner, sampling, config.sync_schedule(), config.group_size, mesh, config.runs_per_batch
@@ -212,7 +213,8 @@ class HostSide:
     step_fn: Step
     mesh: object
     window_size: int = 1  # steps per generate call (`generation_window`)
-    _window: tuple | None = None  # (first step, steps, rollouts, rewards) of the current window
+    # (first step, steps, rollouts, rewards, packing inputs) of the current window
+    _window: tuple | None = None
 
     def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
         """Learner step k of every run: sample (a new window when k is past the current one),
@@ -221,9 +223,10 @@ class HostSide:
         t0 = time.perf_counter()
         if self._window is None or not 0 <= step - self._window[0] < self._window[1]:
             state = self._sample_window(state, step)
-        start, _, rollouts, rewards = self._window
+        start, _, rollouts, rewards, _ = self._window
         t1 = time.perf_counter()
-        state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step)
+        pack = self._pack(step - start)
+        state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step, pack)
         metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
         rows = config.prompts_per_step * config.group_size
@@ -251,8 +254,8 @@ class HostSide:
              range(start, start + length)]
             for single in config.runs()
         ]  # fmt: skip
-        tokens, mask = self._encode(examples)
-        rollouts, state = self.step_fn.sample(state, tokens, mask, start)
+        prompts = self._encode_host(examples)
+        rollouts, state = self.step_fn.sample(state, *self._replicated(prompts), start)
         tokens = parallel.to_host(rollouts.response_tokens)  # [runs, m, rows, N]
         rewards = np.stack(
             [
@@ -262,8 +265,23 @@ class HostSide:
             axis=1,
         )
         rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
-        self._window = (start, length, rollouts, rewards)
+        packing_inputs = None
+        if self.step_fn.learner.packing:  # [runs, m, rows, P] prompt masks, [runs, m, rows]
+            lengths = parallel.to_host(rollouts.response_length)
+            packing_inputs = (groups.rows_from_prompts(prompts[1], config.group_size, 2), lengths)
+        self._window = (start, length, rollouts, rewards, packing_inputs)
         return state
+
+    def _pack(self, index: int):
+        """The `Packing` of rollout `index` of the window (run axis first), or None."""
+        _, _, rollouts, _, packing_inputs = self._window
+        if packing_inputs is None:
+            return None
+        masks, lengths = packing_inputs
+        width = rollouts.response_tokens.shape[-1]
+        return self._replicated(
+            self.step_fn.learner.pack(masks[:, index], lengths[:, index], width)
+        )
 
     def evaluate(self, state: RunState) -> list[float]:
         """Each run's mean reward on the fixed held-out prompts (one response each)."""
@@ -281,6 +299,15 @@ class HostSide:
 
     def _encode(self, examples: list[list[list]]):
         """`[runs][m][num_prompts]` examples -> replicated `[runs, m, num_prompts, P]` arrays."""
+        return self._replicated(self._encode_host(examples))
+
+    def _replicated(self, tree):
+        """Host arrays placed whole on every device."""
+        replicated = parallel.replicated(self.mesh)
+        return jax.tree.map(lambda x: parallel.from_host(x, replicated), tree)
+
+    def _encode_host(self, examples: list[list[list]]):
+        """`[runs][m][num_prompts]` examples -> host `[runs, m, num_prompts, P]` tokens, mask."""
         tokenizer, width = self.run.tokenizer, self.run.task.max_prompt_len
         encoded = [
             [
@@ -289,13 +316,7 @@ class HostSide:
             ]
             for run in examples
         ]
-        replicated = parallel.replicated(self.mesh)
-        return tuple(
-            parallel.from_host(
-                np.asarray([[pair[i] for pair in run] for run in encoded]), replicated
-            )
-            for i in (0, 1)
-        )
+        return tuple(np.asarray([[pair[i] for pair in run] for run in encoded]) for i in (0, 1))
 
     def _rewards(self, tokens: np.ndarray, examples: list[list], group_size: int) -> np.ndarray:
         """`[runs, rows]` float32 rewards of `[runs, rows, N]` response token ids."""
