@@ -13,6 +13,7 @@ from flax import nnx
 from rl_jax import algorithms, models, packing
 from rl_jax import config as config_lib
 from rl_jax.learner import Learner, TrainBatch
+from rl_jax.train import train
 from tests.test_learner import run_script
 
 B, P, N, G, VOCAB = 16, 6, 16, 4, 32
@@ -212,3 +213,20 @@ def test_packed_equals_padded_on_four_devices():
     """Data parallelism (each device packs its own rows of each micro-batch) and fsdp."""
     out = run_script(MULTI_DEVICE, "--xla_force_host_platform_device_count=4")
     assert out.count("OK") == 4, out
+
+
+def test_embedded_default_trains_the_same_packed(tmp_path):
+    """The embedded default for 5 steps with packing on and off: the same rewards (the same
+    tokens sampled), every metric within 1e-5 (two programs: float32 rounding)."""
+    runs = {}
+    for flag in (False, True):
+        config = config_lib.build(
+            "embedded", steps=5, eval_every=0, checkpoint_every=0, packing=flag,
+            out_dir=str(tmp_path / str(flag)),
+        )  # fmt: skip
+        runs[flag] = train(config).metrics
+    for padded, packed in zip(runs[False], runs[True], strict=True):
+        assert padded["reward/mean"] == packed["reward/mean"]
+        for name, value in padded.items():
+            if not name.startswith(("time/", "throughput/")):
+                np.testing.assert_allclose(packed[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
