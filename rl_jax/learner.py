@@ -266,12 +266,14 @@ class Learner:
     def shard_rows(self, batch_size: int) -> np.ndarray:
         """`[micro_batches, shards, rows]`: the batch rows each shard of an update holds.
 
-        Micro-batches take rows strided (`_split_micro_batches`); under per-device accumulation
-        (`_accumulate`) each device takes a contiguous block of a micro-batch, elsewhere the
-        micro-batch is one shard.
+        Micro-batches take rows strided (`_split_micro_batches`) and each device of the mesh a
+        contiguous block of a micro-batch (one shard per device where the rows divide over
+        them, else the micro-batch is one shard).
         """
         micro = _split_micro_batches(np.arange(batch_size), self.micro_batches)
-        return micro.reshape(self.micro_batches, self._data_shards(micro.shape[1]), -1)
+        mesh, rows = self.mesh, micro.shape[1]
+        shards = 1 if mesh is None or rows % mesh.size else mesh.size
+        return micro.reshape(self.micro_batches, shards, -1)
 
     def pack(self, prompt_mask, response_lengths, response_width: int) -> packing.Packing:
         """The `Packing` of batches (host arrays, optional leading axes such as runs) with
@@ -313,6 +315,7 @@ class Learner:
         micro = _split_micro_batches((batch, adv), self.micro_batches)
         if pack is not None:  # source, segment, position come per micro-batch already
             pack = pack.replace(target=_split_micro_batches(pack.target, self.micro_batches))
+            pack = self._place_packing(pack, batch)
         grads, (loss, policy_metrics, sums) = self._accumulate(
             params, ref_params, (*micro, pack), denominator
         )
@@ -363,6 +366,25 @@ class Learner:
             per_device, mesh=mesh, in_specs=(whole, whole, split, whole),
             out_specs=(whole, (whole, P(devices), whole)),
         )(params, ref_params, micro, denominator)  # fmt: skip
+
+    def _place_packing(self, pack: packing.Packing, batch: TrainBatch) -> packing.Packing:
+        """Per-device shards of a `Packing` (`[M, S * R, W]`, target `[M, rows, N]`) as
+        `_accumulate` consumes them: as they are under per-device accumulation; elsewhere, with
+        S > 1 shards (fsdp), their indices offset to address the whole micro-batch and its
+        packed rows placed like its rows, over every device of the mesh."""
+        num_packed, width = pack.source.shape[1:]
+        rows = pack.target.shape[1]
+        shards = self.shard_rows(self.micro_batches * rows).shape[1]
+        if shards == 1 or self._data_shards(rows) > 1:
+            return pack
+        full = batch.prompt_tokens.shape[1] + batch.response_tokens.shape[1]
+        shard_of = lambda n: jnp.arange(n, dtype=jnp.int32) // (n // shards)
+        pack = pack.replace(
+            source=pack.source + (shard_of(num_packed) * (rows // shards * full))[None, :, None],
+            target=pack.target + (shard_of(rows) * (num_packed // shards * width))[None, :, None],
+        )
+        split = jax.sharding.NamedSharding(self.mesh, P(None, tuple(self.mesh.axis_names)))
+        return jax.lax.with_sharding_constraint(pack, split)
 
     def _data_shards(self, rows: int) -> int:
         """Devices that accumulate their own rows of a micro-batch of `rows` (`_accumulate`):

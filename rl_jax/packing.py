@@ -55,6 +55,11 @@ class Packing:
     target: jax.Array
 
 
+def planned_shapes() -> int:
+    """How many distinct packed shapes `plan` has produced in this process (each compiles)."""
+    return len(_planned)
+
+
 def widths(full: int) -> tuple[int, ...]:
     """The packed widths for a padded width `full`, largest first."""
     return tuple(dict.fromkeys(-(-full // 2**k) for k in range(NUM_WIDTHS)))

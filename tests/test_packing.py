@@ -197,8 +197,7 @@ MULTI_DEVICE = textwrap.dedent(
     for name, micro, fsdp in (("grpo", 1, 1), ("grpo", 4, 1), ("rec-gspo-is", 4, 1), ("grpo", 2, 2)):
         mesh = parallel.make_mesh(fsdp)
         learner = Learner(graphdef, algorithms.get(name), group_size=G, micro_batches=micro, mesh=mesh)
-        shards = learner.shard_rows(len(lengths)).shape[1]
-        assert shards == (4 if fsdp == 1 else 1), shards
+        assert learner.shard_rows(len(lengths)).shape[1] == 4  # each device packs its rows
         put = lambda tree: jax.device_put(tree, parallel.param_shardings(tree, mesh))
         sharded = parallel.shard_batch(jax.device_get(batch), mesh)
         padded = _gradients(learner, put(params), put(ref), sharded, lengths)
