@@ -229,3 +229,23 @@ def test_embedded_default_trains_the_same_packed(tmp_path):
         for name, value in padded.items():
             if not name.startswith(("time/", "throughput/")):
                 np.testing.assert_allclose(packed[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_runs_of_several_seeds_pack_to_one_shape(tmp_path):
+    """num_seeds = 2 (the runs looped in one program, each with its own rows packed into the
+    shape of the larger): the same rewards and metrics as the padded runs."""
+    runs = {}
+    for flag in (False, True):
+        config = config_lib.build(
+            "embedded", steps=2, num_seeds=2, prompts_per_step=4, group_size=4, eval_every=0,
+            checkpoint_every=0, learning_rate=3e-4, packing=flag, out_dir=str(tmp_path / str(flag)),
+        )  # fmt: skip
+        runs[flag] = train(config).run_metrics
+    for padded_run, packed_run in zip(runs[False], runs[True], strict=True):
+        for padded, packed in zip(padded_run, packed_run, strict=True):
+            assert padded["reward/mean"] == packed["reward/mean"]
+            for name, value in padded.items():
+                if not name.startswith(("time/", "throughput/")):
+                    np.testing.assert_allclose(
+                        packed[name], value, rtol=1e-5, atol=1e-7, err_msg=name
+                    )
