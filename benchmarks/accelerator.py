@@ -171,7 +171,8 @@ def paper_settings(args, rows: int):
         settings["logprob_chunk"] = 8
     return argparse.Namespace(
         rows=rows, prompt_len=args.prompt_len, response_len=args.response_len,
-        micro_batches=micro, ref_metrics=True, layer_copies="auto", **settings,
+        micro_batches=micro, ref_metrics=True, layer_copies="auto", lengths="full",
+        packing=False, **settings,
     )  # fmt: skip
 
 
@@ -278,7 +279,7 @@ class Paper:
         state = [learner.init(self.params)]
 
         def run():  # the reference policy is the initial parameters (not donated)
-            state[0], metrics = compiled(state[0], batch, self.params, jax.random.key(0))
+            state[0], metrics = compiled(state[0], batch, self.params, jax.random.key(0), None)
             if not np.isfinite(float(metrics["loss"])):
                 raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
 

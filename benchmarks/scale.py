@@ -4,6 +4,7 @@
         --response-len 1024 --devices 8 --fsdp 8 [--micro-batches M] [--dtype bfloat16] \\
         [--param-dtype float32] [--remat none|full|save-dots] [--attention xla|chunked|dot_product]
         [--logprob-chunk C] [--program learner|generate|both] [--no-ref-metrics] [--json]
+        [--lengths full|paper] [--packing]
 
 Nothing is allocated: parameters, optimizer state and batch are abstract `ShapeDtypeStruct`s
 carrying their shardings over `--devices` virtual CPU devices (a `[data, fsdp]` mesh), and each
@@ -15,6 +16,14 @@ buffers are the largest array shapes in the optimised HLO (top-level instruction
 internals are never materialised). Flags left out take the settings the README recommends for
 the model's size and device count (`recommended`). XLA:CPU upcasts bfloat16 arithmetic to
 float32 and keeps those copies, so bfloat16 figures here overstate a TPU or GPU.
+
+`--lengths` gives the rows' real lengths: `full` (every prompt and response at its bucket: the
+padded layout's worst case) or `paper` (the paper step's: prompts of 0.39-0.59 of the bucket,
+~100-150 of 256 tokens in a chat template, one per group; responses log-normal with a mean of
+0.2 of the cap, the tail clipped at the cap and the longest at it, `padding.paper_lengths`;
+seed 0). `--packing` compiles the packed learner (`rl_jax.packing`) for the packed shape those
+lengths plan, with the mesh as the training loop passes it; the padded learner's memory does
+not depend on the lengths.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import padding  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rl_jax import algorithms, parallel, sampler  # noqa: E402
@@ -134,19 +144,33 @@ def report(program: str, compiled, info: dict, top: int) -> dict:
     }
 
 
-def paper_learner(graphdef, args) -> Learner:
-    """The learner of the paper's step (grpo, group 8) with the memory settings of `args`."""
+def real_lengths(args, group_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt mask `[rows, prompt_len]` left padded, response lengths `[rows]`): `--lengths`."""
+    rows, prompt, cap = args.rows, args.prompt_len, args.response_len
+    if args.lengths == "full":
+        return np.ones((rows, prompt), np.int32), np.full((rows,), cap, np.int32)
+    rng = np.random.default_rng(0)
+    low, high = max(1, round(0.39 * prompt)), max(1, round(0.59 * prompt))
+    prompts = np.repeat(rng.integers(low, high + 1, rows // group_size), group_size)
+    mask = (np.arange(prompt)[None] >= (prompt - prompts)[:, None]).astype(np.int32)
+    return mask, padding.paper_lengths(rng, rows, cap)
+
+
+def paper_learner(graphdef, args, mesh=None) -> Learner:
+    """The learner of the paper's step (grpo, group 8) with the memory settings of `args`; with
+    `--packing`, packing over `mesh` (each device packs its own rows)."""
     return Learner(
         graphdef, algorithms.get("grpo"), group_size=8, micro_batches=args.micro_batches,
         ref_metrics=args.ref_metrics, logprob_chunk=args.logprob_chunk,
         memory=MemoryOptions(args.remat, args.attention, args.attention_chunk),
+        mesh=mesh if args.packing else None, packing=args.packing,
     )  # fmt: skip
 
 
 def learner_program(config, mesh, args):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
     params = abstract(params, parallel.param_shardings(params, mesh))
-    learner = paper_learner(graphdef, args)
+    learner = paper_learner(graphdef, args, mesh)
     state = abstract(jax.eval_shape(learner.init, params), state_shardings(learner.tx, params))
     rows, prompt, response = args.rows, args.prompt_len, args.response_len
     batch_sharding = parallel.batch_sharding(mesh)
@@ -161,7 +185,13 @@ def learner_program(config, mesh, args):
     )
     update = jax.jit(learner.traced_update, donate_argnums=0)
     ref = params if args.ref_metrics else None
-    return update.lower(state, batch, ref, jax.random.key(0)).compile()
+    pack = None
+    if args.packing:
+        pack = learner.pack(*real_lengths(args), response)
+        args.packed_shape = "x".join(map(str, pack.source.shape))
+        whole = parallel.replicated(mesh)  # as the training loop places it
+        pack = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), pack)
+    return update.lower(state, batch, ref, jax.random.key(0), pack).compile()
 
 
 def generate_program(config, mesh, args):
@@ -207,6 +237,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layer-copies", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--program", choices=("learner", "generate", "both"), default="both")
     parser.add_argument("--no-ref-metrics", dest="ref_metrics", action="store_false")
+    parser.add_argument("--lengths", choices=("full", "paper"), default="full",
+                        help="the rows' real lengths (module docstring)")  # fmt: skip
+    parser.add_argument("--packing", action="store_true", help="the packed learner")
     parser.add_argument("--top", type=int, default=8, help="largest buffers to list")
     parser.add_argument("--json", action="store_true", help="one JSON object per program")
     args = parser.parse_args(argv)
@@ -234,9 +267,12 @@ def main(argv=None) -> int:
             extra = {
                 "micro_batches": args.micro_batches, "remat": args.remat,
                 "attention": args.attention, "logprob_chunk": args.logprob_chunk,
-                "ref_metrics": args.ref_metrics,
+                "ref_metrics": args.ref_metrics, "lengths": args.lengths,
+                "packing": args.packing,
             }  # fmt: skip
             compiled = learner_program(config, mesh, args)
+            if args.packing:  # [micro-batches, packed rows, width]
+                extra["packed_shape"] = args.packed_shape
         else:
             extra = {"layer_copies": args.layer_copies}
             compiled = generate_program(config, mesh, args)

@@ -223,6 +223,10 @@ class MemoryConfig:
       "chunked" | "dot_product" (`rl_jax.models.MemoryOptions`).
     logprob_chunk: response positions per block of the log-prob / entropy / KL pass (0 = one
       block).
+    packing: the learner's forward passes on packed sequences (each micro-batch's rows laid end
+      to end without their padding, `rl_jax.packing`): the same loss, metrics and gradients,
+      for the cost of the real tokens. Off by default: the embedded default's short, varied
+      batches compile a new packed shape every few steps (BENCHMARKS.md, "Packed sequences").
     """
 
     micro_batches: int = 1
@@ -232,6 +236,7 @@ class MemoryConfig:
     remat: str = "none"
     attention: str = "xla"
     logprob_chunk: int = 0
+    packing: bool = False
 
     def __post_init__(self):
         check_types(self, "memory.")

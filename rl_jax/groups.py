@@ -18,9 +18,10 @@ def check_group_size(group_size) -> None:
         )
 
 
-def rows_from_prompts(x, group_size: int):
-    """`[num_prompts, ...]` -> `[num_prompts * G, ...]`, each prompt repeated G times in place."""
-    return x.repeat(group_size, axis=0)
+def rows_from_prompts(x, group_size: int, axis: int = 0):
+    """`[num_prompts, ...]` -> `[num_prompts * G, ...]`, each prompt repeated G times in place
+    (along `axis`, the prompt axis)."""
+    return x.repeat(group_size, axis=axis)
 
 
 def to_groups(x, group_size: int):

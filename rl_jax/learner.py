@@ -13,6 +13,11 @@ the full batch exactly (up to float summation order), on one device or many. Bef
 the same forward pass gives the metrics of DESIGN.md §5: entropy, KL to the frozen reference
 policy (k2 as the paper's code logs it, k3, and the exact full-vocabulary KL) and KL to the
 behaviour policy; each is a sum over tokens divided by the batch's token count.
+
+With `packing` the forward passes run on packed sequences (`rl_jax.packing`: each micro-batch's
+rows, per device, laid end to end without their padding) and the per-token log-probs, entropy
+and KL terms are gathered back to the `[rows, response_len]` layout, where the loss and the
+metrics are computed exactly as without it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from rl_jax import advantages as advantages_lib
-from rl_jax import compat, groups, guards, logprobs, losses, parallel
+from rl_jax import compat, groups, guards, logprobs, losses, packing, parallel
 from rl_jax.algorithms import Algorithm
 from rl_jax.config_sections import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -91,6 +97,21 @@ def response_hidden(graphdef, params, batch: TrainBatch, memory: MemoryOptions |
     return hidden[:, prompt_len - 1 : -1], head, layout
 
 
+def packed_hidden(graphdef, params, batch: TrainBatch, pack: packing.Packing, memory):
+    """(hidden `[R, W, d]` of one shard's packed rows, W_head, layout, next tokens `[R, W]`).
+
+    `pack` is the shard's part of a `packing.Packing` (`source`, `segment`, `position` `[R, W]`).
+    The next token of a packed row's last position is its first token: a target no response
+    token reads.
+    """
+    tokens = jnp.concatenate([batch.prompt_tokens, batch.response_tokens], axis=1)
+    tokens = tokens.reshape(-1)[pack.source]
+    hidden, head, layout = forward_hidden(
+        graphdef, params, tokens, None, memory, pack.position, pack.segment
+    )
+    return hidden, head, layout, jnp.roll(tokens, -1, axis=1)
+
+
 def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` run in float32 whatever the parameter dtype: its state (AdamW's moments) is float32,
     gradients and parameters are upcast on the way in and the updates cast back to each
@@ -134,8 +155,8 @@ def state_shardings(tx: optax.GradientTransformation, params):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _jitted_update(learner, state, batch, ref_params, key):
-    return learner.traced_update(state, batch, ref_params, key)
+def _jitted_update(learner, state, batch, ref_params, key, pack=None):
+    return learner.traced_update(state, batch, ref_params, key, pack)
 
 
 def _split_micro_batches(tree, num: int):
@@ -165,6 +186,8 @@ class Learner:
       logprob_chunk: response positions per block of `logprobs.token_stats` (0 = one block).
       mesh: the devices the batch's rows are split over (`rl_jax.parallel.make_mesh`); with
         replicated parameters the update all-reduces its gradient once (`_accumulate`).
+      packing: forward passes on packed sequences (`rl_jax.packing`); every update then takes
+        the batch's `Packing`, planned on the host by `pack`.
     """
 
     graphdef: Any
@@ -178,6 +201,7 @@ class Learner:
     memory: MemoryOptions = MemoryOptions()
     logprob_chunk: int = 0
     mesh: Mesh | None = None
+    packing: bool = False
 
     def __post_init__(self):
         groups.check_group_size(self.group_size)
@@ -188,6 +212,8 @@ class Learner:
             object.__setattr__(self, "steps", 0)
         if not (isinstance(self.logprob_chunk, int) and self.logprob_chunk >= 0):
             raise ValueError(f"logprob_chunk must be an int >= 0, got {self.logprob_chunk!r}")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"packing must be true or false, got {self.packing!r}")
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
@@ -205,20 +231,56 @@ class Learner:
         """
         return jax.jit(self.init_state, out_shardings=state_shardings(self.tx, params))(params)
 
-    def update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+    def update(self, state: LearnerState, batch: TrainBatch, ref_params, key, pack=None):
         """One jitted update -> (state, metrics); `state` is donated.
 
-        Compiled once per (learner settings, batch shape): equal `Learner`s, e.g. the runs of
-        several seeds, share the compiled program.
+        Compiled once per (learner settings, batch shape, packed shape): equal `Learner`s, e.g.
+        the runs of several seeds, share the compiled program. `pack`: the batch's `Packing`
+        (`pack`), with `packing` on only.
         """
-        return _jitted_update(self, state, batch, ref_params, key)
+        return _jitted_update(self, state, batch, ref_params, key, pack)
 
-    def traced_update(self, state: LearnerState, batch: TrainBatch, ref_params, key):
+    def shard_rows(self, batch_size: int) -> np.ndarray:
+        """`[micro_batches, shards, rows]`: the batch rows each shard of an update holds.
+
+        Micro-batches take rows strided (`_split_micro_batches`) and each device of the mesh a
+        contiguous block of a micro-batch (one shard per device where the rows divide over
+        them, else the micro-batch is one shard).
+        """
+        micro = _split_micro_batches(np.arange(batch_size), self.micro_batches)
+        mesh, rows = self.mesh, micro.shape[1]
+        shards = 1 if mesh is None or rows % mesh.size else mesh.size
+        return micro.reshape(self.micro_batches, shards, -1)
+
+    def pack(self, prompt_mask, response_lengths, response_width: int) -> packing.Packing:
+        """The `Packing` of batches (host arrays, optional leading axes such as runs) with
+        `prompt_mask` `[..., B, P]` and `response_lengths` `[..., B]` (`packing.plan`)."""
+        batch_size = np.shape(response_lengths)[-1]
+        return packing.plan(
+            prompt_mask, response_lengths, response_width, self.shard_rows(batch_size)
+        )
+
+    def traced_update(self, state: LearnerState, batch: TrainBatch, ref_params, key, pack=None):
         """The update for callers that trace it inside their own jit (`rl_jax.step`)."""
+        grads, metrics = self.gradients(state.params, batch, ref_params, key, pack)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = LearnerState(params=params, opt_state=opt_state, step=state.step + 1)
+        # A non-finite loss or gradient leaves the state as it was; the loop stops the run.
+        new_state = guards.keep_if_finite(guards.update_is_finite(metrics), new_state, state)
+        return new_state, metrics
+
+    def gradients(self, params, batch: TrainBatch, ref_params, key, pack=None):
+        """(gradient of the batch's loss w.r.t. `params`, the update's metrics), traced."""
         batch_size = batch.rewards.shape[0]
         if batch_size % self.micro_batches:
             raise ValueError(
                 f"micro_batches={self.micro_batches} must divide the batch {batch_size}"
+            )
+        if self.packing != (pack is not None):
+            raise ValueError(
+                "a Learner with packing=True takes the batch's Packing (Learner.pack), "
+                "one with packing=False none"
             )
         rewards = groups.to_groups(batch.rewards, self.group_size)
         adv = advantages_lib.group_advantages(rewards, self.algorithm.advantage, key=key)
@@ -228,22 +290,19 @@ class Learner:
         num_tokens = jnp.maximum(mask.sum(), 1.0)
 
         micro = _split_micro_batches((batch, adv), self.micro_batches)
+        if pack is not None:  # source, segment, position come per micro-batch already
+            pack = pack.replace(target=_split_micro_batches(pack.target, self.micro_batches))
+            pack = self._place_packing(pack, batch)
         grads, (loss, policy_metrics, sums) = self._accumulate(
-            state.params, ref_params, micro, denominator
+            params, ref_params, (*micro, pack), denominator
         )
-
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss.sum(), "grad_norm": optax.global_norm(grads)}
         metrics.update(losses.aggregate_metrics(policy_metrics))
         metrics.update({name: total.sum() / num_tokens for name, total in sums.items()})
         metrics["advantage/mean"] = losses.masked_mean(
             jnp.broadcast_to(adv[:, None], mask.shape), mask
         )
-        new_state = LearnerState(params=params, opt_state=opt_state, step=state.step + 1)
-        # A non-finite loss or gradient leaves the state as it was; the loop stops the run.
-        new_state = guards.keep_if_finite(guards.update_is_finite(metrics), new_state, state)
-        return new_state, metrics
+        return grads, metrics
 
     def _accumulate(self, params, ref_params, micro, denominator):
         """Summed gradient and per-micro-batch outputs of `micro` (`[micro_batches, rows, ...]`):
@@ -258,17 +317,17 @@ class Learner:
 
         def accumulate(params, ref_params, micro, denominator):
             def micro_step(grads, micro):
-                mb, mb_adv = micro
+                mb, mb_adv, mb_pack = micro
                 (loss, (policy_metrics, sums)), g = jax.value_and_grad(self._loss, has_aux=True)(
-                    params, mb, mb_adv, denominator, ref_params
+                    params, mb, mb_adv, denominator, ref_params, mb_pack
                 )
                 return jax.tree.map(jnp.add, grads, g), (loss, policy_metrics, sums)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             return jax.lax.scan(micro_step, zeros, micro)
 
-        mesh, rows = self.mesh, micro[1].shape[1]
-        if mesh is None or mesh.size == 1 or mesh.shape[parallel.FSDP] > 1 or rows % mesh.size:
+        mesh = self.mesh
+        if self._data_shards(micro[1].shape[1]) == 1:
             return accumulate(params, ref_params, micro, denominator)
         devices = tuple(mesh.axis_names)  # psum over all of them: over every device
 
@@ -285,16 +344,62 @@ class Learner:
             out_specs=(whole, (whole, parallel.rows_spec(mesh), whole)),
         )(params, ref_params, micro, denominator)  # fmt: skip
 
-    def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params):
-        hidden, head, layout = response_hidden(self.graphdef, params, batch, self.memory)
-        ref = None
-        if self.ref_metrics:
-            ref_hidden, ref_head, _ = response_hidden(self.graphdef, ref_params, batch, self.memory)
-            ref = jax.lax.stop_gradient((ref_hidden, ref_head))
+    def _place_packing(self, pack: packing.Packing, batch: TrainBatch) -> packing.Packing:
+        """Per-device shards of a `Packing` (`[M, S * R, W]`, target `[M, rows, N]`) as
+        `_accumulate` consumes them: as they are under per-device accumulation; elsewhere, with
+        S > 1 shards (fsdp), their indices offset to address the whole micro-batch and its
+        packed rows placed like its rows, over every device of the mesh."""
+        num_packed, width = pack.source.shape[1:]
+        rows = pack.target.shape[1]
+        shards = self.shard_rows(self.micro_batches * rows).shape[1]
+        if shards == 1 or self._data_shards(rows) > 1:
+            return pack
+        full = batch.prompt_tokens.shape[1] + batch.response_tokens.shape[1]
+        shard_of = lambda n: jnp.arange(n, dtype=jnp.int32) // (n // shards)
+        pack = pack.replace(
+            source=pack.source + (shard_of(num_packed) * (rows // shards * full))[None, :, None],
+            target=pack.target + (shard_of(rows) * (num_packed // shards * width))[None, :, None],
+        )
+        split = jax.sharding.NamedSharding(self.mesh, P(None, tuple(self.mesh.axis_names)))
+        return jax.lax.with_sharding_constraint(pack, split)
+
+    def _data_shards(self, rows: int) -> int:
+        """Devices that accumulate their own rows of a micro-batch of `rows` (`_accumulate`):
+        all of the mesh's under pure data parallelism, else 1 (XLA places the reductions)."""
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1 or mesh.shape[parallel.FSDP] > 1 or rows % mesh.size:
+            return 1
+        return mesh.size
+
+    def response_stats(self, params, batch: TrainBatch, ref_params, pack=None) -> dict:
+        """`logprobs.token_stats` of the response tokens, `[rows, response_len]` each.
+
+        With `pack` (one shard's part of a `Packing`) the forwards run on the packed rows and
+        each statistic is gathered back from the position that predicts its token.
+        """
+        if pack is None:
+            hidden, head, layout = response_hidden(self.graphdef, params, batch, self.memory)
+            targets, ref = batch.response_tokens, None
+            if self.ref_metrics:
+                ref = response_hidden(self.graphdef, ref_params, batch, self.memory)[:2]
+        else:
+            hidden, head, layout, targets = packed_hidden(
+                self.graphdef, params, batch, pack, self.memory
+            )
+            ref = None
+            if self.ref_metrics:
+                ref = packed_hidden(self.graphdef, ref_params, batch, pack, self.memory)[:2]
+        if ref is not None:
+            ref = jax.lax.stop_gradient(ref)
         stats = logprobs.token_stats(
-            hidden, head, layout, batch.response_tokens, self.temperature, ref=ref,
-            chunk=self.logprob_chunk,
-        )  # fmt: skip
+            hidden, head, layout, targets, self.temperature, ref=ref, chunk=self.logprob_chunk
+        )
+        if pack is None:
+            return stats
+        return jax.tree.map(lambda x: x.reshape(-1)[pack.target], stats)
+
+    def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params, pack=None):
+        stats = self.response_stats(params, batch, ref_params, pack)
         mask = batch.response_mask.astype(jnp.float32)
         loss, policy_metrics = losses.policy_loss(
             stats["logp"], batch.untruncated_logp, adv, mask, self.algorithm.loss,

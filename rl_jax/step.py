@@ -2,7 +2,7 @@
 
     window, state  = step.sample(state, prompt_tokens, prompt_mask, k0)     jitted
     rewards        = task reward of window.response_tokens                 the host boundary
-    state, metrics = step.learn(state, window, rewards, k - k0, k)         jitted, k in window
+    state, metrics = step.learn(state, window, rewards, k - k0, k, pack)   jitted, k in window
 
 `RunState` holds everything a run carries from step to step: the learner's state, the sampler's
 (possibly stale) parameters and policy version, the pending snapshots of the sync schedule, the
@@ -15,7 +15,8 @@ keys a call for that step alone would give them. `learn` scores one step's rollo
 window, updates the learner, keeps
 its new parameters in `pending` when a later step samples from them, and returns the step's
 metrics as device arrays (read once, when they are logged). Token ids out and rewards in are the
-only host transfers of a step.
+only host transfers of a step (with packing, also the response lengths out and the step's
+`Packing`, planned on the host from them, in).
 
 Every array of a `RunState` has a leading run axis: `num_seeds` runs (one per seed) are one
 compiled program, and run i computes what a single run of seed i computes. The program vmaps
@@ -144,11 +145,12 @@ class Step:
         return self.per_run(one, state, prompt_tokens, prompt_mask)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-    def learn(self, state: RunState, window: Rollout, rewards, index, step):
+    def learn(self, state: RunState, window: Rollout, rewards, index, step, pack=None):
         """Update on rollout `index` of `window` and its rewards (`[runs, m, rows]`) at learner
-        step `step`: (state, metrics), run axis first; `state` is donated."""
-        one = lambda s, w, r: self._learn_one(s, w, r, index, step)
-        return self.per_run(one, state, window, rewards)
+        step `step`: (state, metrics), run axis first; `state` is donated. `pack`: the step's
+        `Packing` with a run axis (`Learner.pack`), when the learner packs."""
+        one = lambda s, w, r, p: self._learn_one(s, w, r, p, index, step)
+        return self.per_run(one, state, window, rewards, pack)
 
     @functools.partial(jax.jit, static_argnums=0)
     def evaluate(self, state: RunState, prompt_tokens, prompt_mask) -> Rollout:
@@ -215,12 +217,12 @@ class Step:
         window = jax.tree.map(lambda x: x.reshape(num_steps, rows, *x.shape[1:]), rollout)
         return window, state.replace(sampler=sampler, pending=pending)
 
-    def _learn_one(self, state: RunState, window: Rollout, rewards, index, step):
+    def _learn_one(self, state: RunState, window: Rollout, rewards, pack, index, step):
         rollout = jax.tree.map(lambda x: x[index], window)
         batch = TrainBatch.from_rollout(rollout, rewards[index])
         ref_params = state.ref_params if self.learner.ref_metrics else None
         key = purpose_key(state.key, LEARN, step)
-        learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key)
+        learner, metrics = self.learner.traced_update(state.learner, batch, ref_params, key, pack)
         due = self.schedule.snapshot_due(step)
         pending = state.pending.push(step, learner.params, due)
         metrics.update(rollout_metrics(rollout, batch.rewards, step, self.sampling.max_new_tokens))

@@ -85,6 +85,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         memory=memory.options(),
         logprob_chunk=memory.logprob_chunk,
         mesh=mesh,
+        packing=memory.packing,
     )
     return Step(learner, sampling, config.sync, config.group_size, mesh, config.runs_per_batch)
 
@@ -260,6 +261,9 @@ class Window:
     length: int
     rollouts: Rollout
     rewards: jax.Array
+    # With packing: the rows' prompt masks `[runs, length, rows, P]` and response lengths
+    # `[runs, length, rows]` on the host, from which each step's packing is planned.
+    packing_inputs: tuple | None = None
 
     def holds(self, step: int) -> bool:
         return 0 <= step - self.first < self.length
@@ -286,8 +290,9 @@ class HostSide:
         window = self.window
         t1 = time.perf_counter()
         state, metrics = self.step_fn.learn(
-            state, window.rollouts, window.rewards, step - window.first, step
-        )
+            state, window.rollouts, window.rewards, step - window.first, step,
+            self._pack(step - window.first),
+        )  # fmt: skip
         metrics = parallel.to_host(metrics)
         t2 = time.perf_counter()
         rows = config.rows
@@ -315,8 +320,8 @@ class HostSide:
              range(start, start + length)]
             for single in config.runs()
         ]  # fmt: skip
-        tokens, mask = self._encode(examples)
-        rollouts, state = self.step_fn.sample(state, tokens, mask, start)
+        prompts = self._encode_host(examples)
+        rollouts, state = self.step_fn.sample(state, *self._replicated(prompts), start)
         tokens = parallel.to_host(rollouts.response_tokens)  # [runs, m, rows, N]
         rewards = np.stack(
             [
@@ -326,8 +331,22 @@ class HostSide:
             axis=1,
         )
         rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
-        self.window = Window(start, length, rollouts, rewards)
+        packing_inputs = None
+        if self.step_fn.learner.packing:  # [runs, m, rows, P] prompt masks, [runs, m, rows]
+            lengths = parallel.to_host(rollouts.response_length)
+            packing_inputs = (groups.rows_from_prompts(prompts[1], config.group_size, 2), lengths)
+        self.window = Window(start, length, rollouts, rewards, packing_inputs)
         return state
+
+    def _pack(self, index: int):
+        """The `Packing` of rollout `index` of the window (run axis first), or None."""
+        if self.window.packing_inputs is None:
+            return None
+        masks, lengths = self.window.packing_inputs
+        width = self.window.rollouts.response_tokens.shape[-1]
+        return self._replicated(
+            self.step_fn.learner.pack(masks[:, index], lengths[:, index], width)
+        )
 
     def evaluate(self, state: RunState) -> list[float]:
         """Each run's mean reward on the fixed held-out prompts (one response each)."""
@@ -345,6 +364,15 @@ class HostSide:
 
     def _encode(self, examples: list[list[list]]):
         """`[runs][m][num_prompts]` examples -> replicated `[runs, m, num_prompts, P]` arrays."""
+        return self._replicated(self._encode_host(examples))
+
+    def _replicated(self, tree):
+        """Host arrays placed whole on every device."""
+        replicated = parallel.replicated(self.mesh)
+        return jax.tree.map(lambda x: parallel.from_host(x, replicated), tree)
+
+    def _encode_host(self, examples: list[list[list]]):
+        """`[runs][m][num_prompts]` examples -> host `[runs, m, num_prompts, P]` tokens, mask."""
         tokenizer, width = self.run.tokenizer, self.run.task.max_prompt_len
         encoded = [
             [
@@ -353,13 +381,7 @@ class HostSide:
             ]
             for run in examples
         ]
-        replicated = parallel.replicated(self.mesh)
-        return tuple(
-            parallel.from_host(
-                np.asarray([[pair[i] for pair in run] for run in encoded]), replicated
-            )
-            for i in (0, 1)
-        )
+        return tuple(np.asarray([[pair[i] for pair in run] for run in encoded]) for i in (0, 1))
 
     def _rewards(self, tokens: np.ndarray, examples: list[list], group_size: int) -> np.ndarray:
         """`[runs, rows]` float32 rewards of `[runs, rows, N]` response token ids."""

@@ -85,3 +85,21 @@ def test_scale_benchmark_reports_per_device_peaks():
         expected = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
         assert r["peak_bytes"] == expected > 0
         assert r["largest"] and all(size > 0 for size, _ in r["largest"])
+
+
+def test_scale_benchmark_compiles_the_packed_learner():
+    """`--lengths paper --packing`: the packed learner's program for the planned shape."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable, "benchmarks/scale.py", "--model", "tiny", "--rows", "16",
+        "--prompt-len", "8", "--response-len", "24", "--devices", "2", "--fsdp", "2",
+        "--micro-batches", "2", "--dtype", "float32", "--program", "learner",
+        "--lengths", "paper", "--packing", "--json",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    # 2 micro-batches; each device packs its 4 rows (of 32 positions) into fewer.
+    micro, packed, width = map(int, row["packed_shape"].split("x"))
+    assert micro == 2 and packed < 8 and width <= 32 and row["peak_bytes"] > 0

@@ -180,19 +180,29 @@ class Decoder(nnx.Module):
         return self._logits(self.hidden_states(tokens, positions, attention_mask))
 
     def hidden_states(
-        self, tokens, positions=None, attention_mask=None, memory: MemoryOptions = MemoryOptions()
-    ) -> jax.Array:
+        self, tokens, positions=None, attention_mask=None, memory: MemoryOptions = MemoryOptions(),
+        segment_ids=None,
+    ) -> jax.Array:  # fmt: skip
         """`__call__` up to the final RMSNorm: `[batch, seq, d]` in the compute dtype.
 
         `memory` picks the layer recomputation and the attention implementation; every choice
         computes the same function (`attend_chunked` and `attend_dot_product` up to rounding).
+        `segment_ids` `[batch, seq]` (packed sequences, `rl_jax.packing`): key j is visible to
+        query i only if both are in the same segment (ids equal and > 0; 0 marks filler, which
+        sees nothing), on top of causality and `attention_mask`; pass the `positions` that
+        restart in each segment. Every attention implementation reads this one mask.
         """
         if positions is None:
+            if segment_ids is not None:
+                raise ValueError("hidden_states: segment_ids need their positions")
             positions = default_positions(tokens, attention_mask)
         seq = tokens.shape[1]
         allowed = jnp.tril(jnp.ones((seq, seq), bool))[None]
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, :] > 0)
+        if segment_ids is not None:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            allowed = allowed & same & (segment_ids[:, None, :] > 0)
         allowed = jnp.broadcast_to(allowed, (tokens.shape[0], seq, seq))
         graphdef, layer_params = nnx.split(self.layers)
 
@@ -325,15 +335,16 @@ def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> ja
 
 
 def forward_hidden(
-    graphdef, params, tokens, attention_mask=None, memory: MemoryOptions = MemoryOptions()
-) -> tuple[jax.Array, jax.Array, str]:
+    graphdef, params, tokens, attention_mask=None, memory: MemoryOptions = MemoryOptions(),
+    positions=None, segment_ids=None,
+) -> tuple[jax.Array, jax.Array, str]:  # fmt: skip
     """Pure `Decoder.hidden_states` -> (hidden `[batch, seq, d]`, W_head, its layout).
 
     `forward` = `hidden @ W_head` in float32; callers that need only some positions' logits
     (the learner's response positions) project those themselves (`logprobs.token_stats`).
     """
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(tokens, None, attention_mask, memory)
+    hidden = model.hidden_states(tokens, positions, attention_mask, memory, segment_ids)
     return (hidden, *model.output_head())
 
 
