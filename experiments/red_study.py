@@ -46,6 +46,7 @@ ALGORITHMS = (
     study.Algo("GRPO", "grpo", "grpo"),
     study.Algo("RED-Drop", "red-drop", "red-drop"),
     study.Algo("RED-Weight", "red-weight", "red-weight"),
+    study.Algo("RED-Weight-Adaptive", "red-weight-adaptive", "red-weight-adaptive"),
 )
 DEFAULTS = {"eval_every": 20, "checkpoint_every": 100}
 
