@@ -91,7 +91,7 @@ def claims(outcomes) -> str:
     def word(ok):
         return "supported" if ok else "not supported"
 
-    describe = lambda rows: "; ".join(f"- {o}: {intervals.describe(m, h)}" for o, m, h in rows)
+    describe = lambda rows: "; ".join(f"vs {o} {intervals.describe(m, h)}" for o, m, h in rows)
     return (
         f"- {ADAPTIVE} has the lowest KL to the initial policy: "
         f"**{word(all(m + h < 0 for _, m, h in kl))}** (paired KL differences {describe(kl)}; "
