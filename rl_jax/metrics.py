@@ -22,6 +22,7 @@ give two records that can disagree.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -165,7 +166,11 @@ def _import_tensorboardx():
     """Import tensorboardX without torch when torch is not loaded yet.
 
     tensorboardX imports torch (3-6 s here) only to recognise torch tensors; we log floats.
+    Its warning on every NaN or inf value is silenced: they are logged on purpose (e.g.
+    `red/temperature` is inf when adaptive RED-Weight leaves a batch unweighted), and a
+    non-finite loss or gradient stops the run on its own (`rl_jax.guards`).
     """
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     if "torch" in sys.modules:
         import tensorboardX
 
