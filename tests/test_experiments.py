@@ -188,7 +188,7 @@ def test_adaptive_red_claims_and_temperature_table():
     higher = adaptive_red.claims(adaptive_outcomes(0.002)).splitlines()
     assert "**not supported**" in higher[0] and "**supported**" in higher[1], higher
     table = adaptive_red.temperature_table(adaptive_outcomes(0.0)[0])
-    assert table_row(table, "1-100") == ["0.500 +- 0.000", "3.000 +- 2.484", "2.00-4.00"]
+    assert table_row(table, "1-100") == ["0.500 +- 0.000", "3.000 +- 2.484", "0.000 +- 0.000"]
     assert table_row(table, "101-200")[0] == "0.500 +- 0.000"
 
 
