@@ -24,21 +24,23 @@ Output: `<out>/<algorithm>/seed_<s>/`, `<out>/adaptive_red.png` (the seed figure
 `<out>/temperature.png` (T per step of every seed; the fraction of seeds reweighted) and
 `<out>/summary.md` (also printed). Committed results: experiments/results/adaptive_red/.
 
-Time (committed results, 2026-12-04): 5 seeds x 200 steps (not the default 400: the shared
-2-core machine, an Intel Xeon VM at load 8-15 from other jobs, would not finish 400 in time)
-took 3.2e3 s of training wall time: a first invocation at 400 steps stopped after the adaptive
-runs' step-200 checkpoint (976 s), then `python -m experiments.adaptive_red --steps 200`
-resumed it at step 200 and trained the other three (2243 s, about 12.5 min per algorithm).
-Result (experiments/results/adaptive_red/summary.md; held-out 0.173 at step 0): all four end
-at held-out 0.846-0.853 (last 3 evaluations; paired differences of adaptive RED-Weight to the
-others -0.002 +- 0.012, -0.001 +- 0.011, 0.006 +- 0.012: no reward lost). Adaptive RED-Weight
-does not keep KL lowest: over the last 50 steps its KL is the highest, 0.088 against 0.085 (GRPO),
-0.086 (REC-OneSide-NoIS), 0.084 (RED-Weight), paired differences 0.003 +- 0.002, 0.002 +- 0.002,
-0.004 +- 0.001. It has the lowest entropy (0.113 against 0.121-0.128, paired -0.008 to -0.015,
-every interval below 0) and learns as fast as RED-Weight early (held-out 0.787 at step 100
-against 0.759 GRPO). T: finite on 92% of steps 1-100 and 71% of steps 101-200, median 3.5 then
-6.4 (weights exp(A / T) within e^(+-0.3) for |A| <= 1, milder than RED-Weight's T = 1); 1-2% of
-steps end at the range's top (99.95).
+Time (committed results, 2026-12-04, a shared 2-core Intel Xeon VM at load 8-15 from other
+jobs): 5370 s for 4 algorithms x 5 seeds x 400 steps, in three invocations that resume each
+other's checkpoints: `--steps 400` stopped by hand after the adaptive runs' step 200 (976 s),
+`--steps 200` for the other three (2243 s; results/adaptive_red/summary_200_steps.md), then
+`python -m experiments.adaptive_red --steps 400` extended all four (2151 s). About 9 min per
+algorithm per 200 steps on that machine when its load is lower.
+Result (experiments/results/adaptive_red/summary.md; held-out 0.173 at step 0): adaptive
+RED-Weight does not keep KL lowest: over the last 50 steps all four end at KL 0.092-0.093, paired
+differences to GRPO, REC-OneSide-NoIS, RED-Weight -0.001 +- 0.003, 0.001 +- 0.002, 0.001 +- 0.002
+(at step 200 its KL was the highest, 0.003 +- 0.002 above GRPO's). Held-out reward over the last
+3 evaluations: 0.891 against 0.900 (GRPO), 0.901 (REC-OneSide-NoIS), 0.883 (RED-Weight); paired
+-0.009 +- 0.009 (every seed below GRPO: "without losing reward" not supported, by a margin of
+6e-5), -0.010 +- 0.019, +0.008 +- 0.008. Entropy lies between (0.068 against 0.063 / 0.063 /
+0.076, every paired interval excludes 0). It learns as fast as RED-Weight early (held-out 0.787
+at step 100 against GRPO's 0.759). T is finite on 92%, 71%, 66%, 60% of the steps of each 100-step
+block, median 3.5, 6.4, 8.7, 7.1 (weights exp(A / T) within e^(+-0.3) for |A| <= 1, milder than
+RED-Weight's T = 1); 1-4% of steps end at the range's top (99.95).
 """
 
 from __future__ import annotations
