@@ -2,7 +2,10 @@
 
 The RED variants shape the data rather than clip the update: RED-Drop drops surplus negative
 responses of each group so positives and negatives balance; RED-Weight scales each response's
-term by exp(A / temp), weighting the best responses of a group up. Neither preset clips
+term by exp(A / temp), weighting the best responses of a group up; adaptive RED-Weight
+(`red-weight-adaptive`, added 2026-12-04 after the committed results below, which do not have
+it; `--algorithms grpo,red-drop,red-weight` reruns them) chooses temp each step by bisection
+(`experiments/adaptive_red.py` compares it at interval 20 with paired intervals). No preset clips
 (DESIGN.md §3); `algorithm_overrides.clip=one-side` on the command line adds REC's one-sided
 clipping to every algorithm of the study. The paper reports both as competitive with or better
 than GRPO. Each run starts from the same warm-started policy and is evaluated on the held-out
@@ -17,8 +20,8 @@ Options: --steps N, --seed S, --seeds N (seeds per run, one compiled program; ta
 mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
 overrides (as `rl_jax.train`).
 
-Time: 6 runs; with 3 seeds at 200 steps (the committed results in experiments/results/red_study/)
-10.5 minutes on this 2-core CPU (630 s, 2026-12-03, a fourth host, nearly idle, two CPU devices),
+Time: 8 runs (6 before the adaptive preset); those 6 with 3 seeds at 200 steps (the committed
+results in experiments/results/red_study/) took 10.5 minutes on this 2-core CPU (630 s, 2026-12-03, a fourth host, nearly idle, two CPU devices),
 about twice that at the default 400 steps.
 Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): every algorithm at both sync
 settings ends at held-out 0.83-0.85 (+- 0.09-0.11) from 0.20, with KL 0.081-0.089; at sync
@@ -46,6 +49,7 @@ ALGORITHMS = (
     study.Algo("GRPO", "grpo", "grpo"),
     study.Algo("RED-Drop", "red-drop", "red-drop"),
     study.Algo("RED-Weight", "red-weight", "red-weight"),
+    study.Algo("RED-Weight-Adaptive", "red-weight-adaptive", "red-weight-adaptive"),
 )
 DEFAULTS = {"eval_every": 20, "checkpoint_every": 100}
 

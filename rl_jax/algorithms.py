@@ -2,7 +2,8 @@
 
 ``PRESETS`` is the one table to cite: each row gives a preset's non-default fields of
 ``AdvantageConfig`` / ``LossConfig`` (defaults: no clip, weight ``A``, eps = (0.2, 0.2),
-ring eps' = (0.6, 2.0), temp 1, no regulariser, token-mean, no std normalisation, no drop).
+ring eps' = (0.6, 2.0), temp 1 (fixed), no regulariser, token-mean, no std normalisation, no
+drop).
 
     algo = algorithms.get("rec-oneside-nois", eps_high=0.28)
     loss, metrics = losses.policy_loss(logp, behaviour_logp, adv, mask, algo.loss)
@@ -72,6 +73,7 @@ CLIP_MODES = ("none", "one-side", "two-side", "ring", "gspo-one-side")
 WEIGHTS = ("none", "importance_sampling", "gspo_importance_sampling", "advantage")
 REGULARIZERS = ("none", "forward-kl", "k2")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+ADAPTIVE_TEMP_LEVELS = ("none", "batch", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,10 @@ class LossConfig:
       eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 < eps_low <= 1``.
       ring_eps_low, ring_eps_high: the outer ring thresholds ``1 - eps_low'``, ``1 + eps_high'``.
       weight_temp: RED-Weight temperature, weight ``A * exp(A / weight_temp)``.
+      adaptive_temp: ``none`` (use ``weight_temp``) ``| batch | group``: adaptive RED-Weight,
+        the temperature chosen each step by ``rl_jax.advantages.red_weight_temperature`` over the
+        whole batch or per prompt's group (``weight_temp`` is then unused); needs
+        ``weight="advantage"``.
       regularizer: ``none | forward-kl`` (AsymRE) ``| k2`` (OPMD); ``reg_coef >= 0`` its coefficient.
       aggregation: ``token-mean`` or ``seq-mean-token-mean`` (GSPO variants).
       log_ratio_bound: log-ratios are clamped to +-this before ``exp`` (module docstring).
@@ -97,6 +103,7 @@ class LossConfig:
     ring_eps_low: float = 0.6
     ring_eps_high: float = 2.0
     weight_temp: float = 1.0
+    adaptive_temp: str = "none"
     regularizer: str = "none"
     reg_coef: float = 0.0
     aggregation: str = "token-mean"
@@ -108,6 +115,12 @@ class LossConfig:
         check_choice("weight", self.weight, WEIGHTS)
         check_choice("regularizer", self.regularizer, REGULARIZERS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("adaptive_temp", self.adaptive_temp, ADAPTIVE_TEMP_LEVELS)
+        if self.adaptive_temp != "none" and self.weight != "advantage":
+            raise ValueError(
+                f"adaptive_temp={self.adaptive_temp!r} chooses RED-Weight's temperature, so it "
+                f"needs weight='advantage', got weight={self.weight!r}"
+            )
         for field in ("eps_low", "eps_high", "ring_eps_low", "ring_eps_high", "weight_temp"):
             check_number(field, getattr(self, field), positive=True)
         for field in ("eps_low", "ring_eps_low"):
@@ -153,6 +166,7 @@ PRESETS = MappingProxyType(
         "rep-opmd": {"regularizer": "k2", "reg_coef": 0.1},
         "red-drop": {"drop": "balance"},
         "red-weight": {"weight": "advantage", "weight_temp": 1.0},
+        "red-weight-adaptive": {"weight": "advantage", "adaptive_temp": "batch"},
     }
 )
 

@@ -27,7 +27,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rl_jax import groups, numeric_bounds
+from rl_jax import algorithms, groups, numeric_bounds
 from rl_jax.config_sections import (
     AlgorithmConfig,
     MemoryConfig,
@@ -247,9 +247,10 @@ def resolve(key: str) -> str:
         return matches[0]
     if matches:
         raise ValueError(f"config field {key!r} is ambiguous: write one of {matches}")
+    names = {*paths, *ALIASES, *(path.rpartition(".")[2] for path in paths)}
     raise ValueError(
-        f"unknown config field {key!r}; allowed: {sorted(paths)} and their shorthands "
-        "(python -m rl_jax.train --help)"
+        f"unknown config field {key!r}{algorithms.did_you_mean(key, sorted(names))}; allowed: "
+        f"{sorted(paths)} and their shorthands (python -m rl_jax.train --help)"
     )
 
 
@@ -276,10 +277,9 @@ def flatten(layer: Mapping, *, strict: bool = True) -> dict[str, Any]:
                 path = f"{key}.{sub_head}"
                 if path not in field_paths():
                     if strict:
-                        raise ValueError(
-                            f"unknown config field {path!r}; {key} has "
-                            f"{[f.name for f in dataclasses.fields(parts[key])]}"
-                        )
+                        fields = [f.name for f in dataclasses.fields(parts[key])]
+                        hint = algorithms.did_you_mean(sub_head, fields)
+                        raise ValueError(f"unknown config field {path!r}{hint}; {key} has {fields}")
                     continue
                 put(path, {sub_rest: sub_value} if sub_dot else sub_value)
             continue

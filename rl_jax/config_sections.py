@@ -109,10 +109,9 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         check_types(self, "algorithm.")
-        if self.name not in algorithms.names():
-            raise ValueError(
-                f"algorithm must be one of {list(algorithms.names())}, got {self.name!r}"
-            )
+        # REC-OneSide-NoIS (the figures' spelling) is rec-oneside-nois; else one error line
+        # with the closest presets.
+        object.__setattr__(self, "name", algorithms.canonical_name(self.name, field="algorithm"))
         object.__setattr__(self, "overrides", dict(self.overrides))
         self.preset()  # bad overrides raise ValueError here
 

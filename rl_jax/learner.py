@@ -3,6 +3,7 @@
 One update consumes a batch of rollouts with their rewards:
 
     A      = group_advantages(to_groups(rewards))      [num_groups, G]        (advantages.py)
+    T      = red_weight_temperatures(A, lengths)       adaptive RED-Weight only (advantages.py)
     logp   = log softmax(f_theta(prompt + response) / temperature)[response]  (current params)
     loss   = policy_loss(logp, untruncated_logp, A, response_mask)           (losses.py)
     theta <- optax update with grad(loss)
@@ -284,12 +285,13 @@ class Learner:
             )
         rewards = groups.to_groups(batch.rewards, self.group_size)
         adv = advantages_lib.group_advantages(rewards, self.algorithm.advantage, key=key)
-        adv = groups.from_groups(adv)
         mask = batch.response_mask.astype(jnp.float32)
+        temps, temp_metrics = self._red_temperatures(adv, mask)
+        adv = groups.from_groups(adv)
         denominator = losses.loss_denominator(mask, self.algorithm.loss)
         num_tokens = jnp.maximum(mask.sum(), 1.0)
 
-        micro = _split_micro_batches((batch, adv), self.micro_batches)
+        micro = _split_micro_batches((batch, adv, temps), self.micro_batches)
         if pack is not None:  # source, segment, position come per micro-batch already
             pack = pack.replace(target=_split_micro_batches(pack.target, self.micro_batches))
             pack = self._place_packing(pack, batch)
@@ -302,7 +304,33 @@ class Learner:
         metrics["advantage/mean"] = losses.masked_mean(
             jnp.broadcast_to(adv[:, None], mask.shape), mask
         )
+        metrics.update(temp_metrics)
         return grads, metrics
+
+    def _red_temperatures(self, adv, mask):
+        """Adaptive RED-Weight: each row's temperature `[batch]` and the step's metrics, or
+        (None, {}) when the preset does not adapt it.
+
+        `adv` is `[num_groups, G]`, the lengths are the response tokens of each row (mask 1 up
+        to and including EOS). Metrics: `red/temperature`, the mean over the batch (one T) or
+        over the groups of the finite temperatures, inf when none is finite (nothing was
+        reweighted; the metrics file writes "Infinity", and only loss and grad_norm are guarded
+        against non-finite values, `rl_jax.guards`); `red/reweighted_frac`, the fraction of
+        the batch (0 or 1) or of the groups whose T is finite.
+        """
+        level = self.algorithm.loss.adaptive_temp
+        if level == "none":
+            return None, {}
+        lengths = groups.to_groups(mask.sum(axis=-1), self.group_size)
+        temps = advantages_lib.red_weight_temperatures(adv, lengths, level)
+        finite = jnp.isfinite(temps)
+        count = finite.sum()
+        mean = jnp.where(finite, temps, 0.0).sum() / jnp.maximum(count, 1)
+        metrics = {
+            "red/temperature": jnp.where(count > 0, mean, jnp.inf),
+            "red/reweighted_frac": finite.mean(dtype=jnp.float32),
+        }
+        return groups.from_groups(jnp.broadcast_to(temps[:, None], adv.shape)), metrics
 
     def _accumulate(self, params, ref_params, micro, denominator):
         """Summed gradient and per-micro-batch outputs of `micro` (`[micro_batches, rows, ...]`):
@@ -317,9 +345,9 @@ class Learner:
 
         def accumulate(params, ref_params, micro, denominator):
             def micro_step(grads, micro):
-                mb, mb_adv, mb_pack = micro
+                mb, mb_adv, mb_temps, mb_pack = micro
                 (loss, (policy_metrics, sums)), g = jax.value_and_grad(self._loss, has_aux=True)(
-                    params, mb, mb_adv, denominator, ref_params, mb_pack
+                    params, mb, mb_adv, mb_temps, denominator, ref_params, mb_pack
                 )
                 return jax.tree.map(jnp.add, grads, g), (loss, policy_metrics, sums)
 
@@ -398,12 +426,12 @@ class Learner:
             return stats
         return jax.tree.map(lambda x: x.reshape(-1)[pack.target], stats)
 
-    def _loss(self, params, batch: TrainBatch, adv, denominator, ref_params, pack=None):
+    def _loss(self, params, batch: TrainBatch, adv, temps, denominator, ref_params, pack=None):
         stats = self.response_stats(params, batch, ref_params, pack)
         mask = batch.response_mask.astype(jnp.float32)
         loss, policy_metrics = losses.policy_loss(
             stats["logp"], batch.untruncated_logp, adv, mask, self.algorithm.loss,
-            denominator=denominator,
+            denominator=denominator, temperature=temps,
         )  # fmt: skip
         logp = jax.lax.stop_gradient(stats["logp"])
         sums = {

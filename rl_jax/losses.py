@@ -108,15 +108,21 @@ def in_range_mask(
 
 
 def weighted_advantages(
-    advantages: jax.Array, ratio: jax.Array, seq_ratio: jax.Array, config: LossConfig
+    advantages: jax.Array,
+    ratio: jax.Array,
+    seq_ratio: jax.Array,
+    config: LossConfig,
+    temperature: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The per-token coefficient of ``-logp`` (arXiv 2509.24203 §3, DESIGN.md §3).
 
     none: ``A``; importance_sampling: ``A * r``; gspo_importance_sampling: ``A * s``;
-    advantage (RED-Weight): ``A * exp(min(A / weight_temp, weight_exp_bound))``.
+    advantage (RED-Weight): ``A * exp(min(A / T, weight_exp_bound))`` with ``T = weight_temp``,
+    or the given per-sequence ``temperature`` (adaptive RED-Weight; T = inf gives ``A``).
 
     Args:
       advantages: ``[batch]``; ratio: ``[batch, seq]``; seq_ratio: ``[batch]``.
+      temperature: ``[batch]`` RED-Weight temperatures; None uses ``config.weight_temp``.
 
     Returns:
       (``[batch, seq]`` weighted advantages, ``[batch]`` bool: RED-Weight exponent clamped).
@@ -129,7 +135,7 @@ def weighted_advantages(
         return adv * ratio, no_hits
     if config.weight == "gspo_importance_sampling":
         return jnp.broadcast_to(adv * seq_ratio[:, None], ratio.shape), no_hits
-    exponent = advantages / config.weight_temp
+    exponent = advantages / (config.weight_temp if temperature is None else temperature)
     hits = exponent > config.weight_exp_bound
     weight = jnp.exp(jnp.minimum(exponent, config.weight_exp_bound))
     return jnp.broadcast_to((advantages * weight)[:, None], ratio.shape), hits
@@ -184,6 +190,7 @@ def policy_loss(
     config: LossConfig,
     *,
     denominator: jax.Array | float | None = None,
+    temperature: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Group-relative REINFORCE loss of every variant in arXiv 2509.24203 (§3; DESIGN.md §3).
 
@@ -197,6 +204,8 @@ def policy_loss(
       config: a ``LossConfig``.
       denominator: global normaliser (``loss_denominator`` summed over all shards) so that
         summing the losses of shards is exact; defaults to this batch's own.
+      temperature: ``[batch]`` RED-Weight temperature of each sequence, required when
+        ``config.adaptive_temp`` is set (``rl_jax.advantages.red_weight_temperatures``).
 
     Returns:
       (scalar loss, metrics): metrics are local float32 scalars keyed as in ``METRIC_REDUCTIONS``.
@@ -204,6 +213,14 @@ def policy_loss(
     chex.assert_rank([logp, behaviour_logp, mask, advantages], [2, 2, 2, 1])
     chex.assert_equal_shape([logp, behaviour_logp, mask])
     chex.assert_shape(advantages, logp.shape[:1])
+    if (temperature is None) != (config.adaptive_temp == "none"):
+        raise ValueError(
+            f"policy_loss takes per-sequence temperatures exactly when adaptive_temp is set, "
+            f"got adaptive_temp={config.adaptive_temp!r} and temperature "
+            f"{'None' if temperature is None else 'given'}"
+        )
+    if temperature is not None:
+        chex.assert_shape(temperature, advantages.shape)
     mask = mask.astype(jnp.float32)
     tokens = mask != 0
     logp = jnp.where(tokens, logp.astype(jnp.float32), 0.0)
@@ -217,7 +234,7 @@ def policy_loss(
     seq_ratio = jnp.exp(jnp.clip(seq_log_ratio, -bound, bound))
 
     in_range = in_range_mask(ratio, seq_ratio, advantages, config)
-    weighted, weight_hits = weighted_advantages(advantages, ratio, seq_ratio, config)
+    weighted, weight_hits = weighted_advantages(advantages, ratio, seq_ratio, config, temperature)
     pg = -jax.lax.stop_gradient(weighted) * logp * in_range
     per_token = pg + regularizer_loss(logp, behaviour_logp, config)
     if denominator is None:

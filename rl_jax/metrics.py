@@ -24,6 +24,7 @@ give two records that can disagree.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -165,7 +166,11 @@ def _import_tensorboardx():
     package when it is missing (it is imported only here, so the rest of rl_jax runs without it).
 
     tensorboardX imports torch (3-6 s here) only to recognise torch tensors; we log floats.
+    Its warning on every NaN or inf value is silenced: they are logged on purpose (e.g.
+    `red/temperature` is inf when adaptive RED-Weight leaves a batch unweighted), and a
+    non-finite loss or gradient stops the run on its own (`rl_jax.guards`).
     """
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     blocked = "torch" not in sys.modules
     if blocked:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError inside tensorboardX

@@ -38,8 +38,15 @@ DESIGN_TABLE = {
     "rep-opmd": ("none", "none", False, {"regularizer": "k2", "reg_coef": 0.1}),
     "red-drop": ("none", "none", False, {"drop": "balance"}),
     "red-weight": ("none", "advantage", False, {"weight_temp": 1.0}),
+    "red-weight-adaptive": ("none", "advantage", False, {"adaptive_temp": "batch"}),
 }
-DEFAULTS = {"eps_low": 0.2, "eps_high": 0.2, "regularizer": "none", "drop": "none"}
+DEFAULTS = {
+    "eps_low": 0.2,
+    "eps_high": 0.2,
+    "regularizer": "none",
+    "drop": "none",
+    "adaptive_temp": "none",
+}
 
 
 def test_names_are_the_design_table_in_order():
@@ -86,6 +93,13 @@ def test_unknown_names_fields_and_values_raise_value_errors_naming_them():
         algorithms.get("grpo", clip="three-side")
     with pytest.raises(ValueError, match="weight_temp must be > 0"):
         algorithms.get("red-weight").replace(weight_temp=-1.0)
+    with pytest.raises(ValueError, match=r"adaptive_temp must be one of \('none', 'batch', 'gr"):
+        algorithms.get("red-weight-adaptive", adaptive_temp="task")
+    with pytest.raises(ValueError, match="adaptive_temp='group' .* needs weight='advantage'"):
+        algorithms.get("grpo", adaptive_temp="group")
+    assert (
+        algorithms.get("red-weight-adaptive", adaptive_temp="group").loss.adaptive_temp == "group"
+    )
 
 
 def test_names_ignore_case_and_punctuation_and_suggest_the_closest():

@@ -171,3 +171,17 @@ def test_cli_reports_bad_config_without_running(tmp_path, capsys):
 def test_gsm8k_preset_is_valid():
     cfg = config_lib.build("gsm8k-qwen2.5-1.5b")
     assert json.loads(cfg.to_json())["task"]["name"] == "gsm8k"
+
+
+def test_misspelt_fields_and_preset_spellings():
+    """The figures' spelling of a preset is accepted; a misspelt field or preset gets the
+    closest names in its one error line."""
+    assert config_lib.build("embedded", algorithm="REC-OneSide-NoIS").algorithm.name == (
+        "rec-oneside-nois"
+    )
+    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'"):
+        config_lib.build("embedded", learning_rat=1e-3)
+    with pytest.raises(ValueError, match=r"'optimizer.learning_rat' \(did you mean"):
+        config_lib.build("embedded", {"optimizer.learning_rat": 1e-3})
+    with pytest.raises(ValueError, match=r"got 'grpoo' \(did you mean 'grpo'\?\)"):
+        config_lib.build("embedded", algorithm="grpoo")

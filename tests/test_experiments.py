@@ -12,7 +12,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import common, red_study, seed_figure, study, sync_study
+from experiments import adaptive_red, common, red_study, seed_figure, study, sync_study
+from rl_jax import config as config_lib
 from rl_jax.metrics import read_metrics
 
 TINY = ["model=tiny", "prompts_per_step=2", "group_size=4", "eval_prompts=8", "eval_every=1"]
@@ -159,6 +160,41 @@ def test_red_study_runs_red_weight_at_sync_20(tmp_path):
     assert (tmp_path / "red_study.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
     assert "| RED-Weight |" in summary and "sync interval 20 (20, 0)" in summary
+
+
+def adaptive_outcomes(kl_gap):
+    """Synthetic 3-seed runs of adaptive_red's algorithms over 200 steps: adaptive RED-Weight's
+    KL is `kl_gap` above the others', held-out rewards equal, T = 2 on odd steps, inf on even."""
+    outcomes = []
+    for label, name in adaptive_red.ALGORITHMS:
+        ours = label == adaptive_red.ADAPTIVE
+        seed_metrics = []
+        for seed in range(3):
+            records = [{"step": 0, "eval/reward": 0.2}]
+            for step in range(1, 201):
+                m = {"step": step, "kl/ref": 0.05 + 0.01 * seed + kl_gap * ours, "entropy": 0.1,
+                     "response_length/mean": 16.0}  # fmt: skip
+                if ours:
+                    m["red/temperature"] = 2.0 + seed if step % 2 else float("inf")
+                if step % 20 == 0:
+                    m["eval/reward"] = 0.8 + 0.01 * seed
+                records.append(m)
+            seed_metrics.append(records)
+        config = config_lib.build("embedded", steps=200, algorithm=name)
+        outcomes.append(common.Outcome(common.RunSpec(label, name, {}), config, seed_metrics, 0.0))
+    return outcomes
+
+
+def test_adaptive_red_claims_and_temperature_table():
+    lower = adaptive_red.claims(adaptive_outcomes(-0.01)).splitlines()
+    assert "lowest KL" in lower[0] and "**supported**" in lower[0], lower
+    assert "vs RED-Weight -0.010 +- 0.000" in lower[0]
+    assert "without losing held-out reward: **supported**" in lower[1], lower
+    higher = adaptive_red.claims(adaptive_outcomes(0.002)).splitlines()
+    assert "**not supported**" in higher[0] and "**supported**" in higher[1], higher
+    table = adaptive_red.temperature_table(adaptive_outcomes(0.0)[0])
+    assert table_row(table, "1-100") == ["0.500 +- 0.000", "3.000 +- 2.484", "0.000 +- 0.000"]
+    assert table_row(table, "101-200")[0] == "0.500 +- 0.000"
 
 
 def test_moving_average_is_a_trailing_mean():

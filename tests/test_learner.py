@@ -220,7 +220,8 @@ EVERY_PRESET = textwrap.dedent(
         for step in range(2):
             state, metrics = learner.update(state, make_batch(step), None, jax.random.key(step))
         values = {k: float(v) for k, v in metrics.items()}
-        assert all(np.isfinite(v) for v in values.values()), (name, values)
+        # red/temperature is inf where adaptive RED-Weight leaves the batch unweighted.
+        assert all(np.isfinite(v) for k, v in values.items() if k != "red/temperature"), values
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)), name
         assert int(state.step) == 2 and values["grad_norm"] > 0, (name, values)
         print(name, "ok")
@@ -230,6 +231,6 @@ EVERY_PRESET = textwrap.dedent(
 
 def test_every_preset_trains_without_nan():
     """Two updates of every preset on the tiny model, from stale behaviour log-probs. In a
-    subprocess with XLA's backend optimisations off: 14 compiles at half the compile time."""
+    subprocess with XLA's backend optimisations off: 15 compiles at half the compile time."""
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     assert run_script(EVERY_PRESET, flags).count(" ok") == len(algorithms.names())

@@ -35,9 +35,13 @@ ADV = pad(np.array([0.5, -1.0]))
 # Per-token -A * logp: row 0 [0.5, 1.0, 0.25], row 1 [-0.2, -3.0]; sum -1.45 over 5 tokens.
 
 
-def loss_grad(logp, behaviour_logp, adv, mask, config):
+def loss_grad(logp, behaviour_logp, adv, mask, config, temperature=None):
     """d policy_loss / d logp."""
-    return jax.grad(lambda lp: losses.policy_loss(lp, behaviour_logp, adv, mask, config)[0])(logp)
+    return jax.grad(
+        lambda lp: losses.policy_loss(
+            lp, behaviour_logp, adv, mask, config, temperature=temperature
+        )[0]
+    )(logp)
 
 
 def loss_of(name, adv=ADV, **overrides):
@@ -144,7 +148,7 @@ def _random_batch(seed, batch=SHAPE[0], seq=SHAPE[1]):
     return logp, behaviour_logp, adv, mask
 
 
-def _expected_token_mean_grad(logp, behaviour_logp, adv, mask, config):
+def _expected_token_mean_grad(logp, behaviour_logp, adv, mask, config, temperature):
     """-weighted_A * in_range / num_tokens + d regulariser / d logp, computed with numpy."""
     ratio = np.exp(logp - behaviour_logp)
     seq_ratio = np.exp((np.log(ratio) * mask).sum(-1) / mask.sum(-1))
@@ -152,9 +156,7 @@ def _expected_token_mean_grad(logp, behaviour_logp, adv, mask, config):
     weight = {
         "none": np.broadcast_to(adv[:, None], ratio.shape),
         "importance_sampling": adv[:, None] * ratio,
-        "advantage": np.broadcast_to(
-            (adv * np.exp(adv / config.weight_temp))[:, None], ratio.shape
-        ),
+        "advantage": np.broadcast_to((adv * np.exp(adv / temperature))[:, None], ratio.shape),
     }[config.weight]
     reg_grad = {
         "none": 0.0,
@@ -171,8 +173,12 @@ TOKEN_MEAN_PRESETS = [n for n in algorithms.names() if "gspo" not in n]
 def test_gradient_is_minus_weighted_advantage_in_range_over_num_tokens(name):
     config = algorithms.get(name).loss
     logp, behaviour_logp, adv, mask = _random_batch(seed=1)
-    grad = loss_grad(logp, behaviour_logp, adv, mask, config)
-    expected = _expected_token_mean_grad(logp, behaviour_logp, adv, mask, config)
+    temps = None  # adaptive RED-Weight: per-sequence temperatures, inf = unweighted
+    if config.adaptive_temp != "none":
+        temps = np.array([0.9, np.inf, 2.5, 0.9, np.inf, 100.0], np.float32)
+    grad = loss_grad(logp, behaviour_logp, adv, mask, config, temps)
+    temperature = config.weight_temp if temps is None else temps
+    expected = _expected_token_mean_grad(logp, behaviour_logp, adv, mask, config, temperature)
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
 
 
