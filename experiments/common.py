@@ -167,15 +167,25 @@ def run_all(specs: Sequence[RunSpec], configs: Sequence[config_lib.TrainConfig])
     for config in configs:  # fail before the first run rather than after hours of training
         for single in config.runs():
             run_dir.check_resume(single)
-    outcomes = []
-    for spec, config in zip(specs, configs, strict=True):
-        print(f"== {spec.label} -> {config.out_dir}", flush=True)
+    outcomes, begin = [], time.perf_counter()
+    for index, (spec, config) in enumerate(zip(specs, configs, strict=True)):
+        print(f"== [{index + 1}/{len(specs)}] {spec.label} -> {config.out_dir}{_eta(begin, index, len(specs))}",
+              flush=True)  # fmt: skip
         start = time.perf_counter()
         train(config)
         wall = time.perf_counter() - start
         seed_metrics = [read_metrics(single.out_dir) for single in config.runs()]
         outcomes.append(Outcome(spec, config, seed_metrics, wall))
     return outcomes
+
+
+def _eta(begin: float, done: int, total: int) -> str:
+    """'; 312 s so far, about 624 s to go' after `done` of `total` runs (nothing before the first:
+    runs of one experiment take about equally long, a resumed one less)."""
+    if not done:
+        return ""
+    elapsed = time.perf_counter() - begin
+    return f"; {elapsed:.0f} s so far, about {elapsed / done * (total - done):.0f} s to go"
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ KEY_METRICS = (
     ("kl/ref", "kl"),
     ("entropy", "entropy"),
     ("response_length/mean", "len"),
+    ("eval/reward", "held-out"),
 )
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -195,8 +196,11 @@ class MetricsWriter:
       total_steps: number of learner steps of the run (for the progress display).
       tensorboard: also write TensorBoard event files under `<out_dir>/tensorboard/`.
       progress: True: a tqdm bar on stdout; False: a plain line every `log_every` steps (and at
-        the last step); None: the bar when stdout is a terminal, else plain lines.
+        the last step and every held-out evaluation); None: the bar when stdout is a terminal,
+        else plain lines.
       log_every: plain-line interval in steps.
+      label: what the console names the run by (e.g. "seed 3"), before each line or the bar.
+      console: False shows nothing on the console (another writer's bar stands for this run).
       resume_step: the step of the checkpoint the run resumes from; records of later steps are
         dropped, and MetricsGapError is raised (before anything is changed) if a record of an
         earlier step is missing. 0 starts afresh: the file is emptied and older TensorBoard
@@ -212,6 +216,8 @@ class MetricsWriter:
         progress: bool | None = None,
         log_every: int = 10,
         resume_step: int = 0,
+        label: str = "",
+        console: bool = True,
     ):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -233,6 +239,8 @@ class MetricsWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.log_every = log_every
+        self.label = label
+        self.console = console
         self._last_step = resume_step
         self._start_time = time.monotonic()
         _truncate_after(self.path, resume_step)
@@ -248,7 +256,7 @@ class MetricsWriter:
         if progress is None:
             progress = sys.stdout.isatty()
         self._bar = None
-        if progress:
+        if progress and console:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -257,6 +265,7 @@ class MetricsWriter:
                 file=sys.stdout,
                 unit="step",
                 dynamic_ncols=True,
+                desc=label or None,
             )
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -273,18 +282,22 @@ class MetricsWriter:
         self._show(step, values)
 
     def _show(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.console:
+            return
         if self._bar is not None:
             self._bar.set_postfix(
                 {label: f"{values[name]:.4g}" for name, label in KEY_METRICS if name in values},
                 refresh=False,
             )
             self._bar.update(step - self._bar.n)
-        elif step % self.log_every == 0 or step == self.total_steps:
+        elif step % self.log_every == 0 or step == self.total_steps or "eval/reward" in values:
             elapsed = time.monotonic() - self._start_time
             numbers = " ".join(
                 f"{name}={values[name]:.4g}" for name, _ in KEY_METRICS if name in values
             )
-            print(f"step {step}/{self.total_steps} {numbers} ({elapsed:.1f} s)", flush=True)
+            prefix = f"{self.label}: " if self.label else ""
+            line = f"{prefix}step {step}/{self.total_steps} {numbers} ({elapsed:.1f} s)"
+            print(line, flush=True)
 
     def close(self) -> None:
         """Flush and close the file, the TensorBoard writer and the progress bar (idempotent)."""

@@ -44,6 +44,7 @@ from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
 from rl_jax.sampler import Rollout, SamplingConfig
 from rl_jax.step import RunState, Step
+from rl_jax.tasks import base as tasks_base
 
 
 @dataclasses.dataclass
@@ -218,8 +219,16 @@ def _out(single: config_lib.TrainConfig) -> pathlib.Path:
 
 
 def _console(run_index: int, config: config_lib.TrainConfig) -> dict:
-    """The first run shows progress; the others only their last line."""
-    return {} if run_index == 0 else {"progress": False, "log_every": config.steps}
+    """How run `run_index` shows on the console. One run: a progress bar on a terminal, plain
+    lines elsewhere. Several seeds (they advance in lockstep): on a terminal one bar for all of
+    them, labelled with their seeds, and nothing from the others (their lines would break the
+    bar); elsewhere every seed's lines, each labelled with its seed."""
+    if config.num_seeds == 1:
+        return {}
+    if sys.stdout.isatty():
+        last = config.seed + config.num_seeds - 1
+        return {"label": f"seeds {config.seed}-{last}"} if run_index == 0 else {"console": False}
+    return {"label": f"seed {config.seed + run_index}", "progress": False}
 
 
 def restore(checkpointers: list[Checkpointer], state: RunState) -> tuple[int, RunState]:
@@ -410,7 +419,11 @@ def main(argv=None) -> int:
         "overrides", nargs="*", help="key=value: a field's dotted path or shorthand (below)"
     )
     parser.add_argument("--out", help="output directory (the out_dir field)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the data preparation's progress bars and logs")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[tasks_base.VERBOSE_ENV] = "1"
     if args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = "embedded"
@@ -440,6 +453,8 @@ def main(argv=None) -> int:
         return 0
     last = result.metrics[-1]
     print(" ".join(f"{k}={last[k]:.4g}" for k in ("reward/mean", "kl/ref", "entropy") if k in last))
+    where = config.out_dir if config.num_seeds == 1 else f"{config.out_dir}/seed_*"
+    print(f"wrote metrics.jsonl, TensorBoard events and checkpoints to {where}")
     return 0
 
 

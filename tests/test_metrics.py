@@ -195,3 +195,22 @@ def test_missing_tensorboardx_is_one_warning_line_and_metrics_go_on(tmp_path, mo
     )
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_labelled_lines_show_held_out_reward_when_evaluated(tmp_path, capsys):
+    """Several seeds off a terminal: each line names its seed; an evaluation step gets a line of
+    its own with the held-out reward; a writer with console=False prints nothing."""
+    kwargs = {"tensorboard": False, "progress": False, "log_every": 10}
+    with (
+        MetricsWriter(tmp_path / "a", 4, label="seed 3", **kwargs) as shown,
+        MetricsWriter(tmp_path / "b", 4, console=False, **kwargs) as hidden,
+    ):
+        for step in range(1, 5):
+            extra = {"eval/reward": 0.625} if step == 2 else {}
+            shown.write(step, {**_step_metrics(step), **extra})
+            hidden.write(step, {**_step_metrics(step), **extra})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["seed", "3:", "step"]] * 2
+    assert "step 2/4" in lines[0] and "eval/reward=0.625" in lines[0]
+    assert "step 4/4" in lines[1] and "eval/reward" not in lines[1]
+    assert [m["step"] for m in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]

@@ -10,6 +10,8 @@ import numpy as np
 # What `Task.sample_prompts` draws from: a numpy Generator, or a seed `np.random.default_rng`
 # takes (the training loop passes `(seed, step)`, so each step's prompts are fixed by both).
 Seed: TypeAlias = np.random.Generator | int | tuple[int, ...]
+# Set (by the CLI's -v) to show a task's one-off data preparation with its progress bars and logs.
+VERBOSE_ENV = "RL_JAX_VERBOSE"
 
 
 @dataclasses.dataclass(frozen=True)

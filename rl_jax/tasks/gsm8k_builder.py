@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from rl_jax.run_lock import exclusive
+from rl_jax.tasks.base import VERBOSE_ENV
 from rl_jax.tasks.gsm8k_reward import gold_number
 
 SPLITS = ("train", "test")
@@ -200,15 +201,12 @@ def prepare(jsonl_dir: str | pathlib.Path, tfds_data_dir: str | pathlib.Path) ->
     return builder
 
 
-VERBOSE_ENV = "RL_JAX_VERBOSE"  # set by the CLI's -v
-
-
 @contextlib.contextmanager
 def _quiet():
     """TFDS's progress bars, its "Downloading and preparing" lines and absl's info and warning
     lines off, unless `RL_JAX_VERBOSE` is set: preparing the data is a one-off step of a few
     seconds that they would fill with raw terminal escapes."""
-    if os.environ.get(VERBOSE_ENV):
+    if os.environ.get(VERBOSE_ENV):  # the CLI's -v
         yield
         return
     from absl import logging as absl_logging
