@@ -31,14 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     base = config_lib.build("embedded", eval_every=0, checkpoint_every=0)
-    parallel.use_cpu_cores(base.prompts_per_step * base.group_size // base.micro_batches)
+    parallel.use_cpu_cores(base.rows // base.memory.micro_batches)
 
     import jax
 
     from rl_jax import build
     from rl_jax.train import HostSide, generation_window, make_step
 
-    mesh = parallel.make_mesh(base.fsdp)
+    mesh = parallel.make_mesh(base.memory.fsdp)
     runs = {}
     for packed in (False, True):
         config = config_lib.build("embedded", eval_every=0, checkpoint_every=0, packing=packed)

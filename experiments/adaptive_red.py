@@ -188,11 +188,7 @@ def main(argv=None) -> list[common.Outcome]:
     configs = common.build_configs(run_specs, args, DEFAULTS, varied=("algorithm",))
     outcomes = common.run_all(run_specs, configs)
     cfg = configs[0]
-    title = (
-        f"{common.settings_line(cfg)}\nsync_interval {cfg.sync_interval}, offset "
-        f"{cfg.sync_offset}, {cfg.steps} steps, held-out eval every {cfg.eval_every} steps "
-        f"on {cfg.eval_prompts} prompts"
-    )
+    title = seed_figure.run_title(cfg)
     out = pathlib.Path(args.out)
     common.plot_dynamics(outcomes, title, out / FIGURE)
     plot_temperature(outcomes[0], f"{ADAPTIVE}: temperature per step\n{title}", out / T_FIGURE)

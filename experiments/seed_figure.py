@@ -197,6 +197,15 @@ def claims(outcomes) -> str:
     return "\n".join(lines)
 
 
+def run_title(cfg) -> str:
+    """The figure's title: the recipe, the sync setting, the length and the evaluation."""
+    return (
+        f"{common.settings_line(cfg)}\nsync_interval {cfg.sync.interval}, offset "
+        f"{cfg.sync.offset}, {cfg.steps} steps, held-out eval every {cfg.eval_every} steps "
+        f"on {cfg.eval_prompts} prompts"
+    )
+
+
 def parser():
     """The command line: 400 steps and 5 seeds per algorithm unless told otherwise."""
     return common.make_parser(__doc__, steps=400, out="runs/seed_figure", seeds=5)
@@ -211,11 +220,7 @@ def main(argv=None) -> list[common.Outcome]:
     configs = common.build_configs(run_specs, args, DEFAULTS, varied=("algorithm",))
     outcomes = common.run_all(run_specs, configs)
     cfg = configs[0]
-    title = (
-        f"{common.settings_line(cfg)}\nsync_interval {cfg.sync.interval}, offset "
-        f"{cfg.sync.offset}, {cfg.steps} steps, held-out eval every {cfg.eval_every} steps "
-        f"on {cfg.eval_prompts} prompts"
-    )
+    title = run_title(cfg)
     out = pathlib.Path(args.out)
     common.plot_dynamics(outcomes, title, out / FIGURE)
     table = summarize(outcomes)
