@@ -86,6 +86,10 @@ class TrainConfig:
       reliably faster: a 20x larger decode batch does only 1.4x the rows per second, and
       windows measured 0.85-1.5x in sampling between runs (BENCHMARKS.md, "Sync throughput on
       the fourth host").
+    decode_slots: rows the sampler decodes at a time, summed over devices (which it must
+      divide); a row that ends frees its slot for the next row of the step or the window
+      (`rl_jax.slots`). 0: all rows at once, until the longest is done (lock-step). Changes
+      the sampler's speed, not its draws.
     compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
       optimizer moments stay float32); remat: "none" | "full" | "save-dots" recomputation of
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
@@ -126,6 +130,7 @@ class TrainConfig:
     ref_metrics: bool = True
     fsdp: int = 1
     window_cap_gib: float = 0.0
+    decode_slots: int = 0
     # Memory and precision at scale (issue 12); validated by _check_memory.
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -170,6 +175,10 @@ class TrainConfig:
                 f"runs_per_batch must divide num_seeds = {self.num_seeds} (one of "
                 f"{[d for d in range(1, self.num_seeds + 1) if self.num_seeds % d == 0]}), "
                 f"got {self.runs_per_batch}"
+            )
+        if self.decode_slots < 0:
+            raise ValueError(
+                f"decode_slots must be >= 0 (0 = lock-step decode), got {self.decode_slots}"
             )
         if not self.window_cap_gib >= 0:
             raise ValueError(

@@ -34,6 +34,9 @@ class SamplingConfig:
     rest. stop_sequences: token-id tuples that also end a response (kept, masked 1).
     prompt_buckets / generation_buckets: the static widths prompts and responses are padded to;
     a size above the largest bucket rounds up to a multiple of it.
+    decode_slots: rows decoded at a time, a finished row's slot taking the next waiting row
+    (`rl_jax.slots`); 0 = every row at once (lock-step). Split over the devices of a mesh.
+    Changes the time a call takes, never its result (up to rounding).
     """
 
     eos_id: int
@@ -46,6 +49,7 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     prompt_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
     generation_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+    decode_slots: int = 0
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)
@@ -65,6 +69,10 @@ class SamplingConfig:
                 raise ValueError(
                     f"{name} must be a token id (int >= 0), got {getattr(self, name)!r}"
                 )
+        if not (isinstance(self.decode_slots, int) and self.decode_slots >= 0):
+            raise ValueError(
+                f"decode_slots must be an int >= 0 (0 = lock-step), got {self.decode_slots!r}"
+            )
         if any(len(s) == 0 or min(s) < 0 for s in self.stop_sequences):
             raise ValueError(
                 f"stop_sequences must be non-empty tuples of token ids, got {self.stop_sequences}"

@@ -31,7 +31,7 @@ from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
-from rl_jax.sampler import SamplingConfig
+from rl_jax.sampler import SamplingConfig, check_slots
 from rl_jax.step import RunState, Step
 
 
@@ -60,6 +60,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         max_new_tokens=run.max_response_len,
         generation_buckets=(run.max_response_len,),
         prompt_buckets=(run.task.max_prompt_len,),
+        decode_slots=config.decode_slots,
     )
     learner = Learner(
         graphdef=run.graphdef,
@@ -103,6 +104,10 @@ def train(config: config_lib.TrainConfig) -> RunResult:
             f"prompts_per_step * group_size = {rows} rows must divide over the {devices} devices "
             f"of {jax.process_count()} process(es)"
         )
+    try:
+        check_slots(config.decode_slots, rows, devices)
+    except ValueError as error:
+        raise build.InputError(str(error)) from None
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
     mesh = parallel.make_mesh(config.fsdp)
     for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
@@ -212,7 +217,7 @@ class HostSide:
     step_fn: Step
     mesh: object
     window_size: int = 1  # steps per generate call (`generation_window`)
-    _window: tuple | None = None  # (first step, steps, rollouts, rewards) of the current window
+    _window: tuple | None = None  # (first step, steps, rollouts, rewards, utilization)
 
     def step(self, state: RunState, step: int) -> tuple[RunState, list[dict]]:
         """Learner step k of every run: sample (a new window when k is past the current one),
@@ -221,7 +226,7 @@ class HostSide:
         t0 = time.perf_counter()
         if self._window is None or not 0 <= step - self._window[0] < self._window[1]:
             state = self._sample_window(state, step)
-        start, _, rollouts, rewards = self._window
+        start, _, rollouts, rewards, utilization = self._window
         t1 = time.perf_counter()
         state, metrics = self.step_fn.learn(state, rollouts, rewards, step - start, step)
         metrics = parallel.to_host(metrics)
@@ -236,6 +241,7 @@ class HostSide:
             values.update({
                 "time/sample": t1 - t0,
                 "time/learn": t2 - t1,
+                "sampler/row_step_utilization": float(utilization[i]),
                 "throughput/tokens_per_s": values["response_length/mean"] * rows
                 / max(t2 - t0, 1e-9),
             })  # fmt: skip
@@ -252,7 +258,7 @@ class HostSide:
             for single in config.runs()
         ]  # fmt: skip
         tokens, mask = self._encode(examples)
-        rollouts, state = self.step_fn.sample(state, tokens, mask, start)
+        rollouts, state, utilization = self.step_fn.sample(state, tokens, mask, start)
         tokens = parallel.to_host(rollouts.response_tokens)  # [runs, m, rows, N]
         rewards = np.stack(
             [
@@ -262,7 +268,7 @@ class HostSide:
             axis=1,
         )
         rewards = parallel.from_host(rewards, parallel.rows_sharding(self.mesh, axis=2))
-        self._window = (start, length, rollouts, rewards)
+        self._window = (start, length, rollouts, rewards, parallel.to_host(utilization))
         return state
 
     def evaluate(self, state: RunState) -> list[float]:

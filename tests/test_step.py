@@ -93,7 +93,7 @@ def _window(host, state, first, length):
     tokens, mask = host._encode(examples)
     first = jax.device_put(np.int32(first))
     with jax.transfer_guard("disallow"):
-        window, state = host.step_fn.sample(state, tokens, mask, first)
+        window, state, _ = host.step_fn.sample(state, tokens, mask, first)
     return window, state, examples
 
 
@@ -141,7 +141,7 @@ def test_vmapped_runs_compute_what_runs_one_at_a_time_compute(host):
             [host.run.task.sample_prompts((s, 1), host.config.prompts_per_step)] for s in (0, 1)
         ]
         tokens, mask = host._encode(examples)
-        window, state = step_fn.sample(state, tokens, mask, 1)
+        window, state, _ = step_fn.sample(state, tokens, mask, 1)
         rewards = host._rewards(
             np.asarray(window.response_tokens[:, 0]), [e[0] for e in examples], 4
         )

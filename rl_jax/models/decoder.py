@@ -268,6 +268,49 @@ class Decoder(nnx.Module):
             x = x[:, -1:]
         return self._logits(self.final_norm(x)), KVCache(tuple(keys), tuple(values))
 
+    def decode_rows(
+        self, tokens, positions, cache: KVCache, cache_index, first_slot, widths, width_index,
+        layers=None,
+    ):  # fmt: skip
+        """One token per row, each row at its own cache slot: logits `[batch, vocab]`, cache.
+
+        tokens, positions, cache_index, first_slot: `[batch]` int32. Row b writes its k/v at
+        slot `cache_index[b]` and attends to slots `first_slot[b] <= j <= cache_index[b]`
+        (left padding before `first_slot`, nothing written yet after `cache_index`). Attention
+        reads only the first `widths[width_index]` slots of the cache: `widths` (static,
+        increasing, the last the cache length) are the branches of a `lax.switch` on the traced
+        `width_index`, which must cover `max(cache_index) + 1`; a decode step then reads the
+        filled part of the cache, not its whole static length.
+        """
+        batch = tokens.shape[0]
+        rows = jnp.arange(batch)
+        dtype = self.config.dtype
+        x = self._embed(tokens[:, None])
+
+        def attend_first(width):
+            def attend(q, k_t, v):
+                slot = jnp.arange(width, dtype=jnp.int32)[None]
+                allowed = (slot >= first_slot[:, None]) & (slot <= cache_index[:, None])
+                k_read, v_read = k_t[..., :width].astype(dtype), v[:, :, :width].astype(dtype)
+                return attend_cache(q, k_read, v_read, allowed[:, None])
+
+            return attend
+
+        branches = [attend_first(w) for w in widths]
+        keys, values = [], []
+        for block, k_t, v in zip(layers or self.unstacked_layers(), cache.k, cache.v, strict=True):
+            q, k, new_v = block.qkv(x, positions[:, None])
+            k_t = k_t.at[rows, :, :, cache_index].set(k[:, 0].astype(k_t.dtype))
+            v = v.at[rows, :, cache_index, :].set(new_v[:, 0].astype(v.dtype))
+            if len(branches) == 1:
+                attn = branches[0](q, k_t, v)
+            else:
+                attn = jax.lax.switch(width_index, branches, q, k_t, v)
+            x = block.finish(x, attn)
+            keys.append(k_t)
+            values.append(v)
+        return self._logits(self.final_norm(x))[:, 0], KVCache(tuple(keys), tuple(values))
+
 
 def init_model(config: ModelConfig, seed) -> Decoder:
     """A freshly initialised decoder: N(0, 0.02^2) matrices, zero biases, unit norm scales.

@@ -1,0 +1,184 @@
+"""The decode loop of the sampler: a queue of rows through a fixed number of decode slots.
+
+    rows 0 .. Q-1 (a prompt and a row key each)  ->  S slots, each with its own KV cache region
+    loop: every live slot decodes one token; a slot whose row ends (EOS, a stop sequence, the
+          cap) takes the next row of the queue: its prompt is prefilled into the slot's cache
+          region and its first token drawn, while the other slots keep their state.
+
+This is continuous batching (vLLM, SGLang, JetStream) inside one `lax.while_loop`. It is exact:
+row r draws token t from fold_in(key_r, t) and attends to its own prompt and tokens only, in the
+same cache layout as every other row (prompt left-padded to the bucket width P in slots 0 .. P-1,
+token t's k/v in slot P + t), so a row's tokens depend on its prompt, its key and the parameters
+alone, not on the slot it gets or on its neighbours. With S = Q (`slots=0`) the first prefill
+fills every slot and nothing is refilled: the lock-step decode of all rows until the longest is
+done. With sync_interval = k every row of a window is drawn from the same parameters, so the
+queue may hold the whole window (`rl_jax.step`) without changing any row's distribution.
+
+Prefill: the first S rows in one batch; a later row alone, when its slot frees (the rows that
+free in the same step are prefilled one after another). Decode attention reads only the first
+`kv_widths(...)[i]` cache slots, the smallest width that holds every live slot's tokens
+(`Decoder.decode_rows`): a step costs what the filled part of the cache costs, not the full P+N.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rl_jax.sampling import draw
+
+OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
+
+
+def kv_widths(total: int) -> tuple[int, ...]:
+    """The cache widths a decode step may read: multiples of a chunk of at least 16 slots and
+    at most 8 of them, the last `total`."""
+    eighth = -(-total // 8)
+    chunk = max(16, -(-eighth // 16) * 16)
+    return tuple(range(chunk, total, chunk)) + (total,)
+
+
+def ends_response(recent: jax.Array, token: jax.Array, knobs) -> jax.Array:
+    """Whether `token` [B] is EOS or completes a stop sequence; `recent` [B, M] ends with it."""
+    stops = knobs.stop_ids[None]  # [1, num_stops, M]
+    matched = jnp.all((recent[:, None, :] == stops) | (stops == -1), axis=2)
+    return (token == knobs.eos_id) | jnp.any(matched, axis=1)
+
+
+def _shared(x, loop_axes, reduce=jax.lax.psum):
+    """`x` reduced over the named vmapped axes `loop_axes`: a value every batch agrees on, so a
+    loop condition or branch index built from it stays unbatched (no select between carries)."""
+    for axis in loop_axes:
+        x = reduce(x, axis)
+    return x
+
+
+def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, width,
+           top_k_width, nucleus, loop_axes=()):  # fmt: skip
+    """Decodes the queue `prompt_tokens`, `prompt_mask` `[Q, P]` (left-padded), `keys` `[Q]`.
+
+    Returns a dict: the `[Q, width]` columns of `OUTPUTS` (pad_id / 0 after a row's end),
+    `ended` `[Q]` (EOS or a stop sequence before the cap) and `decode_steps` (int32: the first
+    prefill's draw plus the loop's steps; S x decode_steps slot-steps were computed). `slots`:
+    S, static; 0 or >= Q: one slot per row. `loop_axes`: the named vmapped axes the call is
+    inside; they share one loop (a per-batch condition would make vmap select between old and
+    new carries, copying the KV cache every step).
+    """
+    prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+    queue, prompt_width = prompt_tokens.shape
+    num_slots = min(slots or queue, queue)
+    widths = kv_widths(prompt_width + width)
+    prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    top_p = knobs.top_p if nucleus else None
+    stop_width = knobs.stop_ids.shape[1]
+
+    def emit(carry, row, t, recent, logits, active):
+        """Draws column t of rows `row` ([n], those `active`) and records it in carry["out"]:
+        (carry, token, recent, finished), finished = the row drew its last column."""
+        sampled, sampled_logp, untruncated_logp = draw(
+            logits, jax.vmap(jax.random.fold_in)(keys[row], t), top_k_width, knobs.top_k,
+            knobs.temperature, top_p, knobs.greedy,
+        )  # fmt: skip
+        token = jnp.where(active, sampled, knobs.pad_id)
+        recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+        ended = active & ends_response(recent, token, knobs)
+        target = jnp.where(active, row, queue)  # out of range: dropped
+        columns = (token, jnp.ones_like(sampled_logp), sampled_logp, untruncated_logp)
+        out = {
+            name: carry["out"][name].at[target, t].set(value, mode="drop")
+            for name, value in zip(OUTPUTS, columns, strict=True)
+        }
+        out["ended"] = carry["out"]["ended"].at[target].set(ended, mode="drop")
+        finished = ended | (t + 1 >= knobs.max_new_tokens)
+        return {**carry, "out": out}, token, recent, finished
+
+    def emit_slots(carry, logits):
+        live = carry["live"]
+        carry, token, recent, finished = emit(
+            carry, carry["row"], carry["t"], carry["recent"], logits, live
+        )
+        return {**carry, "token": token, "recent": recent, "t": carry["t"] + live,
+                "live": live & ~finished}  # fmt: skip
+
+    def refill_one(carry):
+        """Prefills the next row of the queue into the first free slot and draws its column 0;
+        changes nothing where no slot is free or the queue is empty."""
+        free = ~carry["live"]
+        fill = jnp.any(free) & (carry["next"] < queue)
+        slot, row = jnp.argmax(free), jnp.minimum(carry["next"], queue - 1)
+        logits, cache = model.decode(
+            prompt_tokens[row][None], positions[row][None], model.init_cache(1, prompt_width),
+            jnp.int32(0), prompt_mask[row][None], layers, last_only=True, kv_len=prompt_width,
+        )  # fmt: skip
+
+        def put(big, small):
+            start = (slot,) + (0,) * (big.ndim - 1)
+            old = jax.lax.dynamic_slice(big, start, small.shape)
+            return jax.lax.dynamic_update_slice(big, jnp.where(fill, small, old), start)
+
+        cache = jax.tree.map(put, carry["cache"], cache)
+        recent = jnp.full((1, stop_width), -1, jnp.int32)
+        carry, token, recent, finished = emit(
+            carry, row[None], jnp.zeros(1, jnp.int32), recent, logits[:, -1], fill[None]
+        )
+        at = lambda name, value: carry[name].at[slot].set(jnp.where(fill, value, carry[name][slot]))
+        return {
+            **carry, "cache": cache, "row": at("row", row), "t": at("t", 1),
+            "token": at("token", token[0]), "recent": at("recent", recent[0]),
+            "live": at("live", ~finished[0]), "next": carry["next"] + fill,
+        }  # fmt: skip
+
+    def refill(carry):
+        def wanted(carry):
+            want = jnp.any(~carry["live"]) & (carry["next"] < queue)
+            return _shared(want.astype(jnp.int32), loop_axes) > 0
+
+        if num_slots == queue:  # every row has its slot from the start
+            return carry
+        return jax.lax.while_loop(wanted, refill_one, carry)
+
+    def step(carry):
+        """One decode step of every slot, then the refills."""
+        row, t, live = carry["row"], carry["t"], carry["live"]
+        index = prompt_width + t - 1  # the cache slot of the token being decoded
+        filled = jnp.max(jnp.where(live, index + 1, 0))
+        width_index = _shared(jnp.sum(jnp.asarray(widths) < filled), loop_axes, jax.lax.pmax)
+        logits, cache = model.decode_rows(
+            carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
+            prompt_width - prompt_length[row], widths, width_index, layers,
+        )  # fmt: skip
+        carry = {**carry, "cache": cache, "steps": carry["steps"] + jnp.any(live)}
+        return refill(emit_slots(carry, logits))
+
+    def more(carry):
+        return _shared(jnp.any(carry["live"]).astype(jnp.int32), loop_axes) > 0
+
+    first = slice(0, num_slots)
+    cache_mask = jnp.concatenate(
+        [prompt_mask[first], jnp.ones((num_slots, width), prompt_mask.dtype)], axis=1
+    )
+    logits, cache = model.decode(
+        prompt_tokens[first], positions[first], model.init_cache(num_slots, prompt_width + width),
+        jnp.int32(0), cache_mask, layers, last_only=True, kv_len=prompt_width,
+    )  # fmt: skip
+    columns = lambda fill, dtype: jnp.full((queue, width), fill, dtype)
+    carry = {
+        "cache": cache,
+        "row": jnp.arange(num_slots, dtype=jnp.int32),
+        "t": jnp.zeros(num_slots, jnp.int32),
+        "token": jnp.zeros(num_slots, jnp.int32),
+        "recent": jnp.full((num_slots, stop_width), -1, jnp.int32),
+        "live": jnp.ones(num_slots, bool),
+        "next": jnp.int32(num_slots),
+        "steps": jnp.int32(1),
+        "out": {
+            "tokens": columns(knobs.pad_id, jnp.int32),
+            "mask": columns(0, jnp.float32),
+            "sampled_logp": columns(0, jnp.float32),
+            "untruncated_logp": columns(0, jnp.float32),
+            "ended": jnp.zeros(queue, bool),
+        },
+    }
+    carry = jax.lax.while_loop(more, step, refill(emit_slots(carry, logits[:, -1])))
+    return {**carry["out"], "decode_steps": carry["steps"]}
