@@ -24,6 +24,7 @@ from rl_jax.train import main
         ({"group_size": "8"}, "group_size"),
         ({"algorithm_overrides": {"eps_low": -0.1}}, "eps_low"),
         ({"algorithm_overrides": {"clip": "three-side"}}, "one-side"),
+        ({"decode_slots": -1}, "decode_slots"),
         ({"no_such_field": 1}, "unknown config field"),
     ],
 )
