@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rl_jax.models.decoder import KVCache, chunked_cache
 from rl_jax.sampling import draw
 
 OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
@@ -57,7 +58,9 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
            top_k_width, nucleus, loop_axes=()):  # fmt: skip
     """Decodes the queue `prompt_tokens`, `prompt_mask` `[Q, P]` (left-padded), `keys` `[Q]`.
 
-    Returns a dict: the `[Q, width]` columns of `OUTPUTS` (pad_id / 0 after a row's end),
+    `knobs` (`sampler._Knobs`): the traced sampling settings; `knobs.max_new_tokens` is the cap
+    of every row or, without a mesh, `[Q]` caps of each row (benchmarks/padding_sampler.py ends
+    rows at drawn lengths this way). Returns a dict: the `[Q, width]` columns of `OUTPUTS` (pad_id / 0 after a row's end),
     `ended` `[Q]` (EOS or a stop sequence before the cap) and `decode_steps` (int32: the first
     prefill's draw plus the loop's steps; S x decode_steps slot-steps were computed). `slots`:
     S, static; 0 or >= Q: one slot per row. `loop_axes`: the named vmapped axes the call is
@@ -67,11 +70,35 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
     queue, prompt_width = prompt_tokens.shape
     num_slots = min(slots or queue, queue)
-    widths = kv_widths(prompt_width + width)
+    ends = kv_widths(prompt_width + width)  # the cache in chunks [0, ends[0]), [ends[0], ...
+    sizes = [b - a for a, b in zip((0, *ends), ends, strict=False)]
+
+    def store(cache, prefilled, slot, fill):
+        """`cache` (in chunks) with the prompt slots 0 .. P-1 of `prefilled` (a plain `[n, ...]`
+        cache) written at rows slot .. slot + n - 1 where `fill`."""
+
+        def put(chunk, part):
+            start = (slot,) + (0,) * (chunk.ndim - 1)
+            old = jax.lax.dynamic_slice(chunk, start, part.shape)
+            return jax.lax.dynamic_update_slice(chunk, jnp.where(fill, part, old), start)
+
+        def layer(chunks, plain, axis):
+            return tuple(
+                put(chunk, jax.lax.slice_in_dim(plain, a, min(b, prompt_width), axis=axis))
+                if a < prompt_width else chunk
+                for chunk, a, b in zip(chunks, (0, *ends), ends, strict=False)
+            )  # fmt: skip
+
+        return KVCache(
+            tuple(layer(c, p, 3) for c, p in zip(cache.k, prefilled.k, strict=True)),
+            tuple(layer(c, p, 2) for c, p in zip(cache.v, prefilled.v, strict=True)),
+        )
+
     prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
     top_p = knobs.top_p if nucleus else None
     stop_width = knobs.stop_ids.shape[1]
+    caps = jnp.broadcast_to(knobs.max_new_tokens, (queue,))
 
     def emit(carry, row, t, recent, logits, active):
         """Draws column t of rows `row` ([n], those `active`) and records it in carry["out"]:
@@ -90,7 +117,7 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
             for name, value in zip(OUTPUTS, columns, strict=True)
         }
         out["ended"] = carry["out"]["ended"].at[target].set(ended, mode="drop")
-        finished = ended | (t + 1 >= knobs.max_new_tokens)
+        finished = ended | (t + 1 >= caps[row])
         return {**carry, "out": out}, token, recent, finished
 
     def emit_slots(carry, logits):
@@ -107,17 +134,11 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         free = ~carry["live"]
         fill = jnp.any(free) & (carry["next"] < queue)
         slot, row = jnp.argmax(free), jnp.minimum(carry["next"], queue - 1)
-        logits, cache = model.decode(
+        logits, prefilled = model.decode(
             prompt_tokens[row][None], positions[row][None], model.init_cache(1, prompt_width),
             jnp.int32(0), prompt_mask[row][None], layers, last_only=True, kv_len=prompt_width,
         )  # fmt: skip
-
-        def put(big, small):
-            start = (slot,) + (0,) * (big.ndim - 1)
-            old = jax.lax.dynamic_slice(big, start, small.shape)
-            return jax.lax.dynamic_update_slice(big, jnp.where(fill, small, old), start)
-
-        cache = jax.tree.map(put, carry["cache"], cache)
+        cache = store(carry["cache"], prefilled, slot, fill)
         recent = jnp.full((1, stop_width), -1, jnp.int32)
         carry, token, recent, finished = emit(
             carry, row[None], jnp.zeros(1, jnp.int32), recent, logits[:, -1], fill[None]
@@ -142,11 +163,11 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         """One decode step of every slot, then the refills."""
         row, t, live = carry["row"], carry["t"], carry["live"]
         index = prompt_width + t - 1  # the cache slot of the token being decoded
-        filled = jnp.max(jnp.where(live, index + 1, 0))
-        width_index = _shared(jnp.sum(jnp.asarray(widths) < filled), loop_axes, jax.lax.pmax)
+        filled = jnp.max(jnp.where(live, index + 1, 1))
+        chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
         logits, cache = model.decode_rows(
             carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
-            prompt_width - prompt_length[row], widths, width_index, layers,
+            prompt_width - prompt_length[row], chunks_read, layers,
         )  # fmt: skip
         carry = {**carry, "cache": cache, "steps": carry["steps"] + jnp.any(live)}
         return refill(emit_slots(carry, logits))
@@ -155,13 +176,12 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         return _shared(jnp.any(carry["live"]).astype(jnp.int32), loop_axes) > 0
 
     first = slice(0, num_slots)
-    cache_mask = jnp.concatenate(
-        [prompt_mask[first], jnp.ones((num_slots, width), prompt_mask.dtype)], axis=1
-    )
-    logits, cache = model.decode(
-        prompt_tokens[first], positions[first], model.init_cache(num_slots, prompt_width + width),
-        jnp.int32(0), cache_mask, layers, last_only=True, kv_len=prompt_width,
+    logits, prefilled = model.decode(
+        prompt_tokens[first], positions[first], model.init_cache(num_slots, prompt_width),
+        jnp.int32(0), prompt_mask[first], layers, last_only=True,
     )  # fmt: skip
+    cache = chunked_cache(model.config, num_slots, sizes)
+    cache = store(cache, prefilled, jnp.int32(0), jnp.bool_(True))
     columns = lambda fill, dtype: jnp.full((queue, width), fill, dtype)
     carry = {
         "cache": cache,
