@@ -9,9 +9,11 @@ paper's code). The two are the same array, bit for bit, when top-k and top-p are
 
 Shapes: prompts are left-padded to a bucket width `P` (a few static sizes) and each prompt is
 repeated `group_size` times (the layout of `rl_jax.groups`: row r answers prompt r // G); responses are `N` columns, the bucket of
-`max_new_tokens`. One compiled program per (batch, P, N, top-k off or its power-of-two bucket,
-top-p on or off, bucketed count and length of stop sequences): temperature, top_k, top_p, greedy,
-eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles.
+`max_new_tokens`. The rows go through `decode_slots` decode slots (`rl_jax.slots`; 0 = all at
+once, lock-step). One compiled program per (batch, P, N, decode slots, top-k off or its
+power-of-two bucket, top-p on or off, bucketed count and length of stop sequences): temperature,
+top_k, top_p, greedy, eos_id, pad_id, the stop tokens and the cap are traced, so changing them
+never recompiles.
 `compile_count()` counts the compilations.
 """
 
@@ -159,18 +161,20 @@ def _generate_program(
         batch, prompt_width, width, slots,
     )  # fmt: skip
 
+    # Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute)
+    # are cast once here, before a mesh gathers them: every use casts them anyway, so the
+    # results are the same bit for bit, and the copies XLA keeps for the loop (sliced layers,
+    # all-gathered fsdp shards) are half size.
+    compute = jnp.dtype(nnx.merge(graphdef, params).config.dtype)
+    narrow = lambda x: (
+        x.astype(compute)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > compute.itemsize
+        else x
+    )
+    params = jax.tree.map(narrow, params)
+
     def local(params, keys, prompt_tokens, prompt_mask, knobs):
-        # Weights stored wider than the compute dtype (float32 master weights, bfloat16
-        # compute) are cast once here: every use casts them anyway, so the results are the
-        # same bit for bit, and the copies XLA keeps for the loop (sliced layers, all-gathered
-        # fsdp shards) are half size.
-        compute = jnp.dtype(nnx.merge(graphdef, params).config.dtype)
-        narrow = lambda x: (
-            x.astype(compute)
-            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > compute.itemsize
-            else x
-        )
-        model = nnx.merge(graphdef, jax.tree.map(narrow, params))
+        model = nnx.merge(graphdef, params)
         # Layer weights sliced once here, not at every decode step: a faster decode for small
         # models (the reference workload), but in float32 compute a second copy of the layer
         # weights for the whole call (Qwen2.5-1.5B on one device: 84.8 vs 80.1 GiB). Above 1 GiB
@@ -315,8 +319,8 @@ def generate_rows(
     draws depend on its own key only). The config's knobs become constants of the caller's
     program. `loop_axes`: the names of the vmapped axes the call is inside (they share one
     decode loop, which runs until every row is done). Returns (Rollout, slot-steps): the
-    decode slots times the decode steps, summed over devices; the Rollout's kept tokens over
-    it are `sampler/row_step_utilization`.
+    decode slots times the decode steps plus one per refill, summed over devices; the
+    Rollout's kept tokens over it are `sampler/row_step_utilization`.
     """
     return _generate_program(
         graphdef, *_static_settings(config), mesh, params, policy_version, keys, row_tokens,

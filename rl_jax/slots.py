@@ -15,9 +15,16 @@ done. With sync_interval = k every row of a window is drawn from the same parame
 queue may hold the whole window (`rl_jax.step`) without changing any row's distribution.
 
 Prefill: the first S rows in one batch; a later row alone, when its slot frees (the rows that
-free in the same step are prefilled one after another). Decode attention reads only the first
-`kv_widths(...)[i]` cache slots, the smallest width that holds every live slot's tokens
-(`Decoder.decode_rows`): a step costs what the filled part of the cache costs, not the full P+N.
+free in the same step are prefilled one after another, each into its slot's cache region).
+The alternative, a chunked prefill that feeds prompt tokens through the decode steps, would
+hold a slot for P more steps per row and pad every decode step to the chunk; a prompt of one
+row is a [P, d] forward that costs about one decode step of the slots.
+
+Decode attention reads only the filled part of the cache: the cache is held in chunks along
+its length (`kv_widths`, each chunk its own buffer), and a step reads the chunks up to the
+furthest live slot (`Decoder.decode_rows`), not the whole static P + N. Reading a prefix of
+one buffer instead would copy it first on XLA:CPU, which cost more than it saved
+(BENCHMARKS.md, "Slot decoding").
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
 
 
 def kv_widths(total: int) -> tuple[int, ...]:
-    """The cache widths a decode step may read: multiples of a chunk of at least 16 slots and
-    at most 8 of them, the last `total`."""
+    """The ends of the cache's chunks: multiples of a chunk of at least 16 slots, at most 8 of
+    them, the last `total` (a decode step reads 1 .. 8 chunks)."""
     eighth = -(-total // 8)
     chunk = max(16, -(-eighth // 16) * 16)
     return tuple(range(chunk, total, chunk)) + (total,)
@@ -59,13 +66,14 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
     """Decodes the queue `prompt_tokens`, `prompt_mask` `[Q, P]` (left-padded), `keys` `[Q]`.
 
     `knobs` (`sampler._Knobs`): the traced sampling settings; `knobs.max_new_tokens` is the cap
-    of every row or, without a mesh, `[Q]` caps of each row (benchmarks/padding_sampler.py ends
-    rows at drawn lengths this way). Returns a dict: the `[Q, width]` columns of `OUTPUTS` (pad_id / 0 after a row's end),
-    `ended` `[Q]` (EOS or a stop sequence before the cap) and `decode_steps` (int32: the first
-    prefill's draw plus the loop's steps; S x decode_steps slot-steps were computed). `slots`:
-    S, static; 0 or >= Q: one slot per row. `loop_axes`: the named vmapped axes the call is
-    inside; they share one loop (a per-batch condition would make vmap select between old and
-    new carries, copying the KV cache every step).
+    of every row or, without a mesh, `[Q]` caps, one per row (benchmarks/padding_sampler.py ends
+    rows at drawn lengths this way). Returns a dict: the `[Q, width]` columns of `OUTPUTS`
+    (pad_id / 0 after a row's end), `ended` `[Q]` (EOS or a stop sequence before the cap) and
+    `decode_steps` (int32: the first prefill's draw plus the loop's steps, so S x decode_steps
+    slot-steps were computed, plus one draw per refill). `slots`: S, static; 0 or >= Q: one
+    slot per row. `loop_axes`: the named vmapped axes the call is inside; they share one loop
+    (a per-batch condition would make vmap select between old and new carries, copying the KV
+    cache every step).
     """
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
     queue, prompt_width = prompt_tokens.shape
