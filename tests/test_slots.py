@@ -70,7 +70,7 @@ def test_kv_widths_cover_the_cache_in_at_most_eight_chunks():
 
 
 @pytest.mark.parametrize("config", [GREEDY, SAMPLED], ids=["greedy", "top_k_top_p"])
-@pytest.mark.parametrize("num_slots", [3, 5, 16], ids=["3_slots", "5_slots", "more_slots"])
+@pytest.mark.parametrize("num_slots", [3, 16], ids=["fewer_slots", "more_slots"])
 def test_slots_give_each_row_its_lockstep_tokens(run, config, num_slots):
     lockstep = run(config)
     assert np.all(lockstep.truncated)  # every row at the cap
