@@ -88,8 +88,9 @@ class TrainConfig:
       the fourth host").
     decode_slots: rows the sampler decodes at a time, summed over devices (which it must
       divide); a row that ends frees its slot for the next row of the step or the window
-      (`rl_jax.slots`). 0: all rows at once, until the longest is done (lock-step). Changes
-      the sampler's speed, not its draws.
+      (`rl_jax.slots`). 0: all rows at once, until the longest is done (lock-step), the
+      default: the fastest for the embedded preset, whose rows are nearly all as long as the
+      cap (BENCHMARKS.md, "Slot decoding"). Changes the sampler's speed, not its draws.
     compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
       optimizer moments stay float32); remat: "none" | "full" | "save-dots" recomputation of
       the decoder layers; attention: "xla" | "chunked" | "dot_product"; logprob_chunk: response
