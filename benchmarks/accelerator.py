@@ -172,7 +172,7 @@ def paper_settings(args, rows: int):
     return argparse.Namespace(
         rows=rows, prompt_len=args.prompt_len, response_len=args.response_len,
         micro_batches=micro, ref_metrics=True, layer_copies="auto", lengths="full",
-        packing=False, **settings,
+        packing=False, decode_slots=0, **settings,
     )  # fmt: skip
 
 

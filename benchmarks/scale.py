@@ -3,15 +3,15 @@
     python benchmarks/scale.py --model qwen2.5-1.5b --rows 768 --prompt-len 256 \\
         --response-len 1024 --devices 8 --fsdp 8 [--micro-batches M] [--dtype bfloat16] \\
         [--param-dtype float32] [--remat none|full|save-dots] [--attention xla|chunked|dot_product]
-        [--logprob-chunk C] [--program learner|generate|both] [--no-ref-metrics] [--json]
-        [--lengths full|paper] [--packing]
+        [--logprob-chunk C] [--program learner|generate|both] [--decode-slots S]
+        [--no-ref-metrics] [--json] [--lengths full|paper] [--packing]
 
 Nothing is allocated: parameters, optimizer state and batch are abstract `ShapeDtypeStruct`s
 carrying their shardings over `--devices` virtual CPU devices (a `[data, fsdp]` mesh), and each
 program is only lowered and compiled (`jax.jit(f).lower(...).compile().memory_analysis()`). The
 learner program is `Learner.traced_update` with the state donated, as `Learner.update` runs it, on the
 state placement `Learner.init` produces (`learner.state_shardings`); the sampler program is the compiled `generate` (prefill
-+ decode loop). Per-device peak = arguments + outputs - aliased + temporaries. The largest
++ decode loop; `--decode-slots S`: S slots over all devices, `rl_jax.slots`). Per-device peak = arguments + outputs - aliased + temporaries. The largest
 buffers are the largest array shapes in the optimised HLO (top-level instructions; fusions'
 internals are never materialised). Flags left out take the settings the README recommends for
 the model's size and device count (`recommended`). XLA:CPU upcasts bfloat16 arithmetic to
@@ -200,7 +200,10 @@ def generate_program(config, mesh, args):
     sharding = parallel.batch_sharding(mesh)
     prompts = jax.ShapeDtypeStruct((args.rows, args.prompt_len), jnp.int32, sharding=sharding)
     sampling = sampler.SamplingConfig(
-        eos_id=1, max_new_tokens=args.response_len, generation_buckets=(args.response_len,)
+        eos_id=1,
+        max_new_tokens=args.response_len,
+        generation_buckets=(args.response_len,),
+        decode_slots=args.decode_slots,
     )
     if args.layer_copies != "auto":
         sampler.LAYER_COPY_MAX_BYTES = float("inf") if args.layer_copies == "on" else -1
@@ -235,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-chunk", type=int, default=256)
     parser.add_argument("--logprob-chunk", type=int, default=None)
     parser.add_argument("--layer-copies", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--decode-slots", type=int, default=0, help="the sampler's decode slots (0: lock-step)"
+    )
     parser.add_argument("--program", choices=("learner", "generate", "both"), default="both")
     parser.add_argument("--no-ref-metrics", dest="ref_metrics", action="store_false")
     parser.add_argument("--lengths", choices=("full", "paper"), default="full",
@@ -274,7 +280,7 @@ def main(argv=None) -> int:
             if args.packing:  # [micro-batches, packed rows, width]
                 extra["packed_shape"] = args.packed_shape
         else:
-            extra = {"layer_copies": args.layer_copies}
+            extra = {"layer_copies": args.layer_copies, "decode_slots": args.decode_slots}
             compiled = generate_program(config, mesh, args)
         row = report(program, compiled, {**info, **extra}, args.top)
         row["compile_s"] = round(time.perf_counter() - start, 1)

@@ -19,13 +19,15 @@ def to_varying(tree, axes: tuple[str, ...]):
     return jax.lax.pvary(tree, axes)
 
 
-def shard_map(fn, *, mesh, in_specs, out_specs):
-    """`jax.shard_map`, found in `jax.experimental.shard_map` in older releases."""
+def shard_map(fn, *, mesh, in_specs, out_specs, check_vma: bool = True):
+    """`jax.shard_map`, found in `jax.experimental.shard_map` in older releases (where
+    `check_vma` was named `check_rep`)."""
+    specs = {"mesh": mesh, "in_specs": in_specs, "out_specs": out_specs}
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.shard_map(fn, **specs, check_vma=check_vma)
     from jax.experimental.shard_map import shard_map as experimental_shard_map
 
-    return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return experimental_shard_map(fn, **specs, check_rep=check_vma)
 
 
 def set_cpu_device_count(count: int) -> bool:

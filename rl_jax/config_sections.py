@@ -132,6 +132,11 @@ class SamplerConfig:
       reliably faster: a 20x larger decode batch does only 1.4x the rows per second, and
       windows measured 0.85-1.5x in sampling between runs (BENCHMARKS.md, "Sync throughput on
       the fourth host").
+    decode_slots: rows the sampler decodes at a time, summed over devices (which it must
+      divide); a row that ends frees its slot for the next row of the step or the window
+      (`rl_jax.slots`). 0 (the default): all rows at once until the longest is done
+      (lock-step), the fastest for the embedded preset, whose rows are nearly all as long as
+      the cap (BENCHMARKS.md, "Slot decoding"). Changes the sampler's speed, not its draws.
     """
 
     temperature: float = 1.0
@@ -139,12 +144,15 @@ class SamplerConfig:
     top_p: float = 1.0
     max_response_len: int | None = None
     window_cap_gib: float = 0.0
+    decode_slots: int = 0
 
     def __post_init__(self):
         check_types(self, "sampling.")
-        from rl_jax.sampling import check_draw_settings  # the owner of these rules; imports jax
+        # The owner of these rules (imports jax).
+        from rl_jax.sampling import check_decode_slots, check_draw_settings
 
         check_draw_settings(self.temperature, self.top_k, self.top_p)
+        check_decode_slots(self.decode_slots)
         _at_least(self, ("max_response_len",), 1)
         if not self.window_cap_gib >= 0:
             raise ValueError(

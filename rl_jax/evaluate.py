@@ -100,7 +100,7 @@ def _generate(graphdef, sampling, mesh, params, root, indices, tokens, mask):
     sample key of the training-time evaluation (split as `sampler.row_keys` splits it)."""
     _, sample_key = jax.random.split(purpose_key(root, EVAL))
     keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(indices)
-    return generate_rows(graphdef, params, 0, keys, tokens, mask, sampling, mesh)
+    return generate_rows(graphdef, params, 0, keys, tokens, mask, sampling, mesh)[0]
 
 
 def sample(saved: saved_run.SavedRun, index: int, examples, samples: int, sampling):

@@ -9,9 +9,11 @@ paper's code). The two are the same array, bit for bit, when top-k and top-p are
 
 Shapes: prompts are left-padded to a bucket width `P` (a few static sizes) and each prompt is
 repeated `group_size` times (the layout of `rl_jax.groups`: row r answers prompt r // G); responses are `N` columns, the bucket of
-`max_new_tokens`. One compiled program per (batch, P, N, top-k off or its power-of-two bucket,
-top-p on or off, bucketed count and length of stop sequences): temperature, top_k, top_p, greedy,
-eos_id, pad_id, the stop tokens and the cap are traced, so changing them never recompiles.
+`max_new_tokens`. The rows go through `decode_slots` decode slots (`rl_jax.slots`; 0 = all at
+once, lock-step). One compiled program per (batch, P, N, decode slots, top-k off or its
+power-of-two bucket, top-p on or off, bucketed count and length of stop sequences): temperature,
+top_k, top_p, greedy, eos_id, pad_id, the stop tokens and the cap are traced, so changing them
+never recompiles.
 `compile_count()` counts the compilations.
 """
 
@@ -27,15 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
-from rl_jax import parallel
+from rl_jax import compat, parallel
+from rl_jax import slots as slots_lib
 from rl_jax.groups import rows_from_prompts
-from rl_jax.sampling import SamplingConfig, draw
+from rl_jax.sampling import SamplingConfig
 
 _LOG = logging.getLogger(__name__)
 _compile_counter = [0]
-LAYER_COPY_MAX_BYTES = 2**30  # see _prepare_model
+LAYER_COPY_MAX_BYTES = 2**30  # see _generate_program
 
 
 @flax.struct.dataclass
@@ -137,185 +140,133 @@ def row_keys(key: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     return next_key, jax.vmap(lambda r: jax.random.fold_in(sample_key, r))(rows)
 
 
-def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-
-
-def _ends_response(recent: jax.Array, token: jax.Array, knobs: _Knobs) -> jax.Array:
-    """Whether `token` [B] is EOS or completes a stop sequence; `recent` [B, M] ends with it."""
-    stops = knobs.stop_ids[None]  # [1, num_stops, M]
-    matched = jnp.all((recent[:, None, :] == stops) | (stops == -1), axis=2)
-    return (token == knobs.eos_id) | jnp.any(matched, axis=1)
-
-
-def _batch_constraint(mesh: Mesh | None):
-    """x -> x with axis `axis` split over every device of `mesh` (identity without a mesh)."""
-
-    def constrain(x, axis=0):
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, parallel.rows_sharding(mesh, axis))
-
-    return constrain
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationProgram:
     """What one compiled generation program is specialised to (its static arguments).
 
     graphdef: the model. top_k_width: a power of two >= top_k (0 = top-k off). nucleus: whether
-    top-p is on. width: the response width N. mesh: the devices the rows are split over (None:
-    no constraint). loop_axes: the names of the vmapped axes the program runs inside (they share
-    one decode loop). The rest of a `SamplingConfig` arrives traced (`_Knobs`).
+    top-p is on. width: the response width N. slots: decode slots summed over devices (0: one
+    per row, the lock-step decode). mesh: the devices the rows are split over (None: one).
+    loop_axes: the names of the vmapped axes the program runs inside (they share one decode
+    loop). The rest of a `SamplingConfig` arrives traced (`_Knobs`).
     """
 
     graphdef: Any
     top_k_width: int
     nucleus: bool
     width: int
+    slots: int = 0
     mesh: Mesh | None = None
     loop_axes: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, graphdef, config: SamplingConfig, mesh=None, loop_axes=()) -> GenerationProgram:
-        """The program of `config`: what it fixes (top-k width, top-p on, response width)."""
+        """The program of `config`: what it fixes (top-k width, top-p on, response width,
+        decode slots)."""
         width = bucket_size(config.max_new_tokens, config.generation_buckets)
         top_k_width = config.top_k and _pow2_bucket(config.top_k, 8)
-        return cls(graphdef, top_k_width, config.top_p < 1.0, width, mesh, tuple(loop_axes))
+        return cls(
+            graphdef, top_k_width, config.top_p < 1.0, width, config.decode_slots, mesh,
+            tuple(loop_axes),
+        )  # fmt: skip
 
 
-def _prepare_model(graphdef, params):
-    """(model, its layers sliced once or None) for the decode loop.
+def _generate_program(
+    program: GenerationProgram, params, policy_version, keys, prompt_tokens, prompt_mask, knobs
+):
+    """The compiled program: the `[B]` rows (keys from `row_keys`) through `rl_jax.slots.decode`
+    with `program.slots` decode slots (0: one per row, the lock-step decode): (Rollout,
+    slot-steps).
 
-    Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute) are
-    cast once here: every use casts them anyway, so the results are the same bit for bit, and
-    the copies XLA keeps for the loop (sliced layers, all-gathered fsdp shards) are half size.
-    Layer weights are sliced once here, not at every decode step: a faster decode for small
-    models (the reference workload), but in float32 compute a second copy of the layer weights
-    for the whole call (Qwen2.5-1.5B on one device: 84.8 vs 80.1 GiB). Above
-    `LAYER_COPY_MAX_BYTES` of layer weights each step slices its layers instead (BENCHMARKS.md,
-    "Scale"). With bfloat16 compute the cast is that copy and both ways measure the same.
+    The KV cache is allocated inside the program and lives in the loop carry, so each step
+    updates it in place (XLA aliases the carry buffers) and it never crosses the jit boundary:
+    nothing to copy, nothing to donate. With a mesh, each device decodes its share of the rows
+    (a contiguous block of the queue) through its own `slots / devices` slots (`shard_map`):
+    rows never move between devices.
     """
+    _compile_counter[0] += 1
+    graphdef, width, slots, mesh = program.graphdef, program.width, program.slots, program.mesh
+    batch, prompt_width = prompt_tokens.shape
+    devices = 1 if mesh is None else mesh.devices.size
+    _LOG.info(
+        "compiling generate: batch %d, prompt %d, response %d, slots %d",
+        batch, prompt_width, width, slots,
+    )  # fmt: skip
+
+    # Weights stored wider than the compute dtype (float32 master weights, bfloat16 compute)
+    # are cast once here, before a mesh gathers them: every use casts them anyway, so the
+    # results are the same bit for bit, and the copies XLA keeps for the loop (sliced layers,
+    # all-gathered fsdp shards) are half size.
     compute = jnp.dtype(nnx.merge(graphdef, params).config.dtype)
     narrow = lambda x: (
         x.astype(compute)
         if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > compute.itemsize
         else x
     )
-    model = nnx.merge(graphdef, jax.tree.map(narrow, params))
-    layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers)))
-    return model, model.unstacked_layers() if layer_bytes <= LAYER_COPY_MAX_BYTES else None
+    params = jax.tree.map(narrow, params)
 
-
-def _loop_state(batch: int, width: int, cache, knobs: _Knobs, constrain) -> dict:
-    """The decode loop's carry before the first token: step t, last token, KV cache, which rows
-    are done, the recent tokens (stop sequences) and the `[batch, width]` outputs."""
-    rows = lambda fill, dtype: constrain(jnp.full((batch, width), fill, dtype))
-    return {
-        "t": jnp.int32(0),
-        "token": constrain(jnp.zeros((batch,), jnp.int32)),
-        "cache": cache,
-        "done": constrain(jnp.zeros((batch,), bool)),
-        "recent": constrain(jnp.full((batch, knobs.stop_ids.shape[1]), -1, jnp.int32)),
-        "tokens": rows(knobs.pad_id, jnp.int32),
-        "mask": rows(0, jnp.float32),
-        "sampled_logp": rows(0, jnp.float32),
-        "untruncated_logp": rows(0, jnp.float32),
-    }
-
-
-def _generate_program(
-    program: GenerationProgram, params, policy_version, keys, prompt_tokens, prompt_mask, knobs
-):
-    """The compiled program: prefill, then a while_loop of one-token decode steps; `keys` are
-    the `[B]` row keys (`row_keys`).
-
-    The KV cache is allocated inside the program and lives in the loop carry, so each step
-    updates it in place (XLA aliases the carry buffers) and it never crosses the jit boundary:
-    nothing to copy, nothing to donate.
-    """
-    _compile_counter[0] += 1
-    batch, prompt_width = prompt_tokens.shape
-    width = program.width
-    _LOG.info("compiling generate: batch %d, prompt %d, response %d", batch, prompt_width, width)
-    constrain = _batch_constraint(program.mesh)
-    keys = constrain(keys)
-    model, layers = _prepare_model(program.graphdef, params)
-    cache = jax.tree.map(constrain, model.init_cache(batch, prompt_width + width))
-    # Constant over the loop: slots not yet written lie after the query's own slot, and causality
-    # hides them; only left padding needs masking.
-    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, width), prompt_mask.dtype)], 1)
-    prompt_length = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    logits, cache = model.decode(
-        prompt_tokens, positions, cache, jnp.int32(0), cache_mask, layers, last_only=True,
-        kv_len=prompt_width,
-    )  # fmt: skip
-    top_p = knobs.top_p if program.nucleus else None
-
-    def emit(carry, logits):
-        """Sample column t for every live row; finished rows get pad_id, mask 0, logp 0."""
-        t = carry["t"]
-        sampled, sampled_logp, untruncated_logp = draw(
-            logits,
-            _step_keys(keys, t),
-            program.top_k_width,
-            knobs.top_k,
-            knobs.temperature,
-            top_p,
-            knobs.greedy,
+    def local(params, keys, prompt_tokens, prompt_mask, knobs):
+        model = nnx.merge(graphdef, params)
+        # Layer weights sliced once here, not at every decode step: a faster decode for small
+        # models (the reference workload), but in float32 compute a second copy of the layer
+        # weights for the whole call (Qwen2.5-1.5B on one device: 84.8 vs 80.1 GiB). Above 1 GiB
+        # of layer weights each step slices its layers instead (BENCHMARKS.md, "Scale"). With
+        # bfloat16 compute the cast above is that copy and both ways measure the same.
+        layer_bytes = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers))
         )
-        live = ~carry["done"]
-        token = jnp.where(live, sampled, knobs.pad_id)
-        recent = jnp.concatenate([carry["recent"][:, 1:], token[:, None]], axis=1)
-        columns = {
-            "tokens": token,
-            "mask": live.astype(jnp.float32),
-            "sampled_logp": jnp.where(live, sampled_logp, 0.0),
-            "untruncated_logp": jnp.where(live, untruncated_logp, 0.0),
-        }
-        out = {k: carry[k].at[:, t].set(v) for k, v in columns.items()}
-        done = carry["done"] | (live & _ends_response(recent, token, knobs))
-        return {**carry, **out, "t": t + 1, "token": token, "recent": recent, "done": done}
-
-    def step(carry):
-        t, token = carry["t"], carry["token"]
-        logits, cache = model.decode(
-            token[:, None], (prompt_length + t - 1)[:, None], carry["cache"],
-            prompt_width + t - 1, cache_mask, layers,
+        layers = model.unstacked_layers() if layer_bytes <= LAYER_COPY_MAX_BYTES else None
+        out = slots_lib.decode(
+            model, layers, keys, prompt_tokens, prompt_mask, knobs, slots=slots // devices,
+            width=width, top_k_width=program.top_k_width, nucleus=program.nucleus,
+            loop_axes=program.loop_axes,
         )  # fmt: skip
-        return emit({**carry, "cache": cache}, logits[:, 0])
+        # Each refill draws its row's first token outside the decode steps: one slot-step.
+        queue = prompt_tokens.shape[0]
+        num_slots = min(slots // devices or queue, queue)
+        slot_steps = out.pop("decode_steps") * num_slots + queue - num_slots
+        if mesh is not None:
+            slot_steps = jax.lax.psum(slot_steps, tuple(mesh.axis_names))
+        return out, slot_steps
 
-    def more(carry):
-        # Under vmap (named `loop_axes`) all batches share one loop: a per-batch condition
-        # would make vmap select between old and new carries, copying the KV cache every step.
-        live = jnp.any(~carry["done"]).astype(jnp.int32)
-        for axis in program.loop_axes:
-            live = jax.lax.psum(live, axis)
-        return (carry["t"] < knobs.max_new_tokens) & (live > 0)
-
-    carry = _loop_state(batch, width, cache, knobs, constrain)
-    carry = jax.lax.while_loop(more, step, emit(carry, logits[:, -1]))
-    return Rollout(
+    if mesh is not None:
+        rows = PartitionSpec(tuple(mesh.axis_names))
+        local = compat.shard_map(
+            local, mesh=mesh, in_specs=(PartitionSpec(), rows, rows, rows, PartitionSpec()),
+            out_specs=(rows, PartitionSpec()), check_vma=False,
+        )  # fmt: skip
+    out, slot_steps = local(params, keys, prompt_tokens, prompt_mask, knobs)
+    rollout = Rollout(
         prompt_tokens=prompt_tokens,
         prompt_mask=prompt_mask,
-        response_tokens=carry["tokens"],
-        response_mask=carry["mask"],
-        sampled_logp=carry["sampled_logp"],
-        untruncated_logp=carry["untruncated_logp"],
-        response_length=jnp.sum(carry["mask"], axis=1).astype(jnp.int32),
-        truncated=~carry["done"],
+        response_tokens=out["tokens"],
+        response_mask=out["mask"],
+        sampled_logp=out["sampled_logp"],
+        untruncated_logp=out["untruncated_logp"],
+        response_length=jnp.sum(out["mask"], axis=1).astype(jnp.int32),
+        truncated=~out["ended"],
         policy_version=jnp.broadcast_to(policy_version, (batch,)).astype(jnp.int32),
     )
+    return rollout, slot_steps
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _generate_jit(program: GenerationProgram, params, version, key, *rest):
     next_key, keys = row_keys(key, rest[0].shape[0])
-    return _generate_program(program, params, version, keys, *rest), next_key
+    rollout, _ = _generate_program(program, params, version, keys, *rest)
+    return rollout, next_key
 
 
-def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) -> None:
+def check_slots(decode_slots: int, rows: int, devices: int) -> None:
+    """`decode_slots` must split evenly over the devices, as the rows do (`generate_rows`)."""
+    if decode_slots % devices or rows % devices:
+        raise ValueError(
+            f"decode_slots = {decode_slots} and the {rows} rows must both divide over the "
+            f"{devices} devices (each device decodes its share of the rows in its own slots)"
+        )
+
+
+def _check_prompts(tokens, mask, group_size: int, decode_slots: int, mesh) -> None:
     if tokens.ndim != 2 or tokens.shape != mask.shape:
         raise ValueError(
             f"prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must be [B, P]"
@@ -332,6 +283,7 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, group_size: int, mesh) 
     parallel.check_rows(
         tokens.shape[0] * group_size, devices, f"batch {tokens.shape[0]} x group_size {group_size}"
     )
+    check_slots(decode_slots, tokens.shape[0] * group_size, devices)
 
 
 def generate(
@@ -354,7 +306,7 @@ def generate(
     """
     tokens = np.asarray(prompt_tokens).astype(np.int32)
     mask = np.asarray(prompt_mask).astype(np.int32)
-    _check_prompts(tokens, mask, group_size, mesh)
+    _check_prompts(tokens, mask, group_size, config.decode_slots, mesh)
     pad = bucket_size(tokens.shape[1], config.prompt_buckets) - tokens.shape[1]
     tokens = np.pad(
         rows_from_prompts(tokens, group_size), ((0, 0), (pad, 0)), constant_values=config.pad_id
@@ -379,7 +331,7 @@ def generate_rows(
     config: SamplingConfig,
     mesh=None,
     loop_axes: tuple[str, ...] = (),
-) -> Rollout:
+) -> tuple[Rollout, jax.Array]:
     """The generation program for callers that trace it inside their own jit (`rl_jax.step`).
 
     row_tokens, row_mask: `[B, P]` prompts already expanded to rows (`rl_jax.groups`) and
@@ -387,7 +339,9 @@ def generate_rows(
     `state.key = key` (rows of several such calls may be stacked into one batch: each row's
     draws depend on its own key only). The config's knobs become constants of the caller's
     program. `loop_axes`: the names of the vmapped axes the call is inside (they share one
-    decode loop, which runs until every row is done).
+    decode loop, which runs until every row is done). Returns (Rollout, slot-steps): the
+    decode slots times the decode steps plus one per refill, summed over devices; the
+    Rollout's kept tokens over it are `sampler/row_step_utilization`.
     """
     program = GenerationProgram.of(graphdef, config, mesh, loop_axes)
     return _generate_program(

@@ -50,6 +50,13 @@ def check_temperature(temperature) -> None:
         )
 
 
+def check_decode_slots(decode_slots) -> None:
+    """The decode-slot rule: an int >= 0 (0 = lock-step); `rl_jax.sampler.check_slots` adds
+    that they divide over the devices."""
+    if isinstance(decode_slots, bool) or not (isinstance(decode_slots, int) and decode_slots >= 0):
+        raise ValueError(f"decode_slots must be an int >= 0 (0 = lock-step), got {decode_slots!r}")
+
+
 def check_draw_settings(temperature, top_k, top_p) -> None:
     """The rules of the draw settings: T > 0, top_k an int >= 0 (0 = off), top_p in (0, 1]."""
     check_temperature(temperature)
@@ -70,6 +77,9 @@ class SamplingConfig:
     rest. stop_sequences: token-id tuples that also end a response (kept, masked 1).
     prompt_buckets / generation_buckets: the static widths prompts and responses are padded to;
     a size above the largest bucket rounds up to a multiple of it.
+    decode_slots: rows decoded at a time, a finished row's slot taking the next waiting row
+    (`rl_jax.slots`); 0 = every row at once (lock-step). Split over the devices of a mesh.
+    Changes the time a call takes, never its result (up to rounding).
     """
 
     eos_id: int
@@ -82,6 +92,7 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     prompt_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
     generation_buckets: tuple[int, ...] = _DEFAULT_BUCKETS
+    decode_slots: int = 0
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)
@@ -96,6 +107,7 @@ class SamplingConfig:
                 raise ValueError(
                     f"{name} must be a token id (int >= 0), got {getattr(self, name)!r}"
                 )
+        check_decode_slots(self.decode_slots)
         if any(len(s) == 0 or min(s) < 0 for s in self.stop_sequences):
             raise ValueError(
                 f"stop_sequences must be non-empty tuples of token ids, got {self.stop_sequences}"

@@ -1,6 +1,6 @@
 """One RL step as pure functions of one state pytree (DESIGN.md §1, §4; arXiv 2509.24203 §4).
 
-    window, state  = step.sample(state, prompt_tokens, prompt_mask, k0)     jitted
+    window, state, use = step.sample(state, prompt_tokens, prompt_mask, k0) jitted
     rewards        = task reward of window.response_tokens                 the host boundary
     state, metrics = step.learn(state, window, rewards, k - k0, k, pack)   jitted, k in window
 
@@ -139,7 +139,9 @@ class Step:
 
         prompt_tokens, prompt_mask: `[runs, m, num_prompts, P]` left-padded, the prompts of steps
         first_step .. first_step + m - 1 (one window of `SyncSchedule.window`). Returns
-        (Rollout `[runs, m, rows, ...]`, state); `state` is donated.
+        (Rollout `[runs, m, rows, ...]`, state, row-step utilization `[runs]`: the window's kept
+        tokens over decode slots x decode steps, `sampler/row_step_utilization`); `state` is
+        donated.
         """
         one = lambda s, tokens, mask: self._sample_one(s, tokens, mask, first_step)
         return self.per_run(one, state, prompt_tokens, prompt_mask)
@@ -164,10 +166,11 @@ class Step:
 
         def one(params, version, root):
             keys = row_keys(purpose_key(root, EVAL), prompt_tokens.shape[0])[1]
-            return generate_rows(
+            rollout, _ = generate_rows(
                 self.learner.graphdef, params, version, keys, prompt_tokens, prompt_mask,
                 self.sampling, mesh, loop_axes=(RUNS,),
             )  # fmt: skip
+            return rollout
 
         return self.per_run(one, state.learner.params, state.learner.step, state.key)
 
@@ -209,13 +212,14 @@ class Step:
         keys = jax.vmap(lambda k: row_keys(jax.random.fold_in(sampler.key, k), rows)[1])(steps)
         as_rows = jax.vmap(lambda x: groups.rows_from_prompts(x, self.group_size))
         stacked = lambda x: x.reshape(num_steps * rows, *x.shape[2:])
-        rollout = generate_rows(
+        rollout, slot_steps = generate_rows(
             self.learner.graphdef, sampler.params, sampler.policy_version, stacked(keys),
             stacked(as_rows(prompt_tokens)), stacked(as_rows(prompt_mask)), self.sampling,
             self.mesh, loop_axes=(RUNS,),
         )  # fmt: skip
         window = jax.tree.map(lambda x: x.reshape(num_steps, rows, *x.shape[1:]), rollout)
-        return window, state.replace(sampler=sampler, pending=pending)
+        utilization = jnp.sum(rollout.response_length) / slot_steps
+        return window, state.replace(sampler=sampler, pending=pending), utilization
 
     def _learn_one(self, state: RunState, window: Rollout, rewards, pack, index, step):
         rollout = jax.tree.map(lambda x: x[index], window)

@@ -42,7 +42,7 @@ from rl_jax import config as config_lib
 from rl_jax.checkpoint import Checkpointer, CheckpointSaveError
 from rl_jax.learner import Learner
 from rl_jax.metrics import MetricsWriter
-from rl_jax.sampler import Rollout, SamplingConfig
+from rl_jax.sampler import Rollout, SamplingConfig, check_slots
 from rl_jax.step import RunState, Step
 from rl_jax.tasks import base as tasks_base
 
@@ -73,6 +73,7 @@ def make_step(config: config_lib.TrainConfig, run: build.Run, mesh) -> Step:
         max_new_tokens=run.max_response_len,
         generation_buckets=(run.max_response_len,),
         prompt_buckets=(run.task.max_prompt_len,),
+        decode_slots=draw.decode_slots,
     )
     learner = Learner(
         graphdef=run.graphdef,
@@ -125,6 +126,7 @@ def train(config: config_lib.TrainConfig) -> RunResult:
 def _train(config: config_lib.TrainConfig, watch: preemption.Watch) -> RunResult:
     runs = config.runs()
     parallel.check_rows(config.rows, jax.device_count(), "prompts_per_step * group_size")
+    check_slots(config.sampling.decode_slots, config.rows, jax.device_count())
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
     mesh = parallel.make_mesh(config.memory.fsdp)
     for single in runs:  # refuses another run's out_dir or fewer steps; writes nothing
@@ -270,6 +272,7 @@ class Window:
     length: int
     rollouts: Rollout
     rewards: jax.Array
+    utilization: np.ndarray  # `[runs]` sampler/row_step_utilization of the window's generation
     # With packing: the rows' prompt masks `[runs, length, rows, P]` and response lengths
     # `[runs, length, rows]` on the host, from which each step's packing is planned.
     packing_inputs: tuple | None = None
@@ -314,6 +317,7 @@ class HostSide:
             values.update({
                 "time/sample": t1 - t0,
                 "time/learn": t2 - t1,
+                "sampler/row_step_utilization": float(window.utilization[i]),
                 "throughput/tokens_per_s": values["response_length/mean"] * rows
                 / max(t2 - t0, 1e-9),
             })  # fmt: skip
@@ -330,7 +334,7 @@ class HostSide:
             for single in config.runs()
         ]  # fmt: skip
         prompts = self._encode_host(examples)
-        rollouts, state = self.step_fn.sample(state, *self._replicated(prompts), start)
+        rollouts, state, utilization = self.step_fn.sample(state, *self._replicated(prompts), start)
         tokens = parallel.to_host(rollouts.response_tokens)  # [runs, m, rows, N]
         rewards = np.stack(
             [
@@ -344,7 +348,8 @@ class HostSide:
         if self.step_fn.learner.packing:  # [runs, m, rows, P] prompt masks, [runs, m, rows]
             lengths = parallel.to_host(rollouts.response_length)
             packing_inputs = (groups.rows_from_prompts(prompts[1], config.group_size, 2), lengths)
-        self.window = Window(start, length, rollouts, rewards, packing_inputs)
+        utilization = parallel.to_host(utilization)
+        self.window = Window(start, length, rollouts, rewards, utilization, packing_inputs)
         return state
 
     def _pack(self, index: int):

@@ -31,6 +31,7 @@ FLAT_CONFIG = pathlib.Path(__file__).parent / "fixtures" / "flat_config.json"
         ({"group_size": "8"}, "group_size"),
         ({"algorithm_overrides": {"eps_low": -0.1}}, "eps_low"),
         ({"algorithm_overrides": {"clip": "three-side"}}, "one-side"),
+        ({"decode_slots": -1}, "decode_slots"),
         ({"no_such_field": 1}, "unknown config field"),
         ({"optimizer": {"lr": 1e-6}}, "unknown config field 'optimizer.lr'; optimizer has"),
         ({"name": "grpo"}, r"ambiguous: write one of \['task.name', 'algorithm.name'\]"),

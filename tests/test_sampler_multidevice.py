@@ -1,4 +1,5 @@
-"""Sampler sharded over 4 CPU devices gives what one device gives (DESIGN.md §6).
+"""Sampler sharded over 4 CPU devices gives what one device gives (DESIGN.md §6), in lock-step
+and with decode slots (4 slots: one per device, each device's 2 rows one after the other).
 
 The device count is fixed when JAX starts, so the comparison runs in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=4.
@@ -37,10 +38,12 @@ meshes = {
     "data": Mesh(np.array(jax.devices()), ("data",)),
     "data_fsdp": Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp")),
 }
-for name, mesh in meshes.items():
+runs = [(name, mesh, 0) for name, mesh in meshes.items()] + [("data_slots", meshes["data"], 4)]
+for name, mesh, slots in runs:
     placed = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     sharded, next_state = sampler.generate(
-        graphdef, placed, tokens, mask, sampling, group_size=2, mesh=mesh
+        graphdef, placed, tokens, mask, dataclasses.replace(sampling, decode_slots=slots),
+        group_size=2, mesh=mesh,
     )
     result[name] = {
         "shards": len(sharded.response_tokens.addressable_shards),
@@ -73,7 +76,7 @@ def test_sharded_over_four_devices_equals_one_device():
     result = json.loads(line[len("RESULT ") :])
     assert result["devices"] == 4
     assert result["ends"] > 0  # some rows stop at EOS, so masking is compared too
-    for name in ("data", "data_fsdp"):
+    for name in ("data", "data_fsdp", "data_slots"):
         got = result[name]
         assert (got["shards"], got["shard_rows"]) == (4, 2), name
         assert got["tokens_equal"] and got["masks_equal"], name

@@ -93,7 +93,7 @@ def _window(host, state, first, length):
     tokens, mask = host._encode(examples)
     first = jax.device_put(np.int32(first))
     with jax.transfer_guard("disallow"):
-        window, state = host.step_fn.sample(state, tokens, mask, first)
+        window, state, _ = host.step_fn.sample(state, tokens, mask, first)
     return window, state, examples
 
 
@@ -130,6 +130,34 @@ def test_a_window_generates_the_tokens_of_step_by_step_generation(host):
     np.testing.assert_array_equal(window.policy_version, 0)
 
 
+def test_decode_slots_sample_a_window_as_lockstep_does(host):
+    """2 vmapped runs, 3 steps of 8 rows: 4 decode slots refilled from the window's 24 rows give
+    each row its lock-step tokens (log-probs to the rounding of other matmul shapes, as above),
+    and keep the slots busier than lock-step keeps its 24."""
+    sampling = dataclasses.replace(host.step_fn.sampling, decode_slots=4)
+    slotted = dataclasses.replace(host.step_fn, sampling=sampling)
+    (lockstep, _, used), (window, _, busier) = (
+        step_fn.sample(step_fn.init(host.run.params, [0, 1]), *_prompts(host))
+        for step_fn in (host.step_fn, slotted)
+    )
+    for name in ("response_tokens", "response_mask", "truncated"):
+        np.testing.assert_array_equal(getattr(window, name), getattr(lockstep, name), name)
+    for name in ("sampled_logp", "untruncated_logp"):
+        np.testing.assert_allclose(
+            getattr(window, name), getattr(lockstep, name), atol=1e-5, rtol=1e-5, err_msg=name
+        )
+    lengths = np.asarray(lockstep.response_length)
+    assert lengths.min() < lengths.max()  # rows end at different steps
+    assert np.all(np.asarray(used) < np.asarray(busier)) and np.all(np.asarray(busier) <= 1)
+
+
+def _prompts(host):
+    """(tokens, mask, first step) of steps 1..3 of both runs."""
+    n = host.config.prompts_per_step
+    examples = [[host.run.task.sample_prompts((s, k), n) for k in (1, 2, 3)] for s in (0, 1)]
+    return (*host._encode(examples), 1)
+
+
 def test_vmapped_runs_compute_what_runs_one_at_a_time_compute(host):
     """runs_per_batch = 2 (one vmapped batch) against 1 (a loop over runs): the same tokens, the
     same updates to float rounding (the batched matmuls sum in another order)."""
@@ -141,7 +169,7 @@ def test_vmapped_runs_compute_what_runs_one_at_a_time_compute(host):
             [host.run.task.sample_prompts((s, 1), host.config.prompts_per_step)] for s in (0, 1)
         ]
         tokens, mask = host._encode(examples)
-        window, state = step_fn.sample(state, tokens, mask, 1)
+        window, state, _ = step_fn.sample(state, tokens, mask, 1)
         rewards = host._rewards(
             np.asarray(window.response_tokens[:, 0]), [e[0] for e in examples], 4
         )

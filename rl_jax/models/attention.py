@@ -135,3 +135,28 @@ def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def attend_cache_chunks(q, k_chunks, v_chunks, allowed: jax.Array) -> jax.Array:
+    """`attend_cache` over a cache held in chunks along its length: the scores of every chunk,
+    one softmax over all of them, then the sum of each chunk's probabilities times its values.
+
+    k_chunks, v_chunks: sequences of `attend_cache`'s k_t and v over consecutive slots;
+    allowed `[batch, q_len, total slots]`. Each chunk is read in place (no concatenated copy of
+    the cache); only the `[batch, heads, q_len, slots]` scores are concatenated.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k_chunks[0].shape[1]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.concatenate(
+        [jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
+         for k in k_chunks], axis=-1,
+    )  # fmt: skip
+    scores = jnp.where(allowed[:, None, None], scores * head_dim**-0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_chunks[0].dtype)
+    starts = np.cumsum([0] + [v.shape[2] for v in v_chunks])
+    out = sum(
+        jnp.einsum("bkgts,bksd->bkgtd", probs[..., a:b], v)
+        for a, b, v in zip(starts[:-1], starts[1:], v_chunks, strict=True)
+    )
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rl_jax.models.attention import apply_rope, attend_cache, rope_inv_freq
+from rl_jax.models.attention import apply_rope, attend_cache, attend_cache_chunks, rope_inv_freq
 from rl_jax.models.config import ModelConfig
 from rl_jax.models.memory import REMAT_POLICIES, MemoryOptions
 
@@ -278,6 +278,71 @@ class Decoder(nnx.Module):
             x = x[:, -1:]
         return self._logits(self.final_norm(x)), KVCache(tuple(keys), tuple(values))
 
+    def decode_rows(
+        self, tokens, positions, cache: KVCache, cache_index, first_slot, chunks_read,
+        layers=None,
+    ):  # fmt: skip
+        """One token per row, each row at its own cache slot, against a cache in chunks.
+
+        `cache`: a `KVCache` whose per-layer entries are tuples of chunks along the cache
+        length (`chunked_cache`). tokens, positions, cache_index, first_slot: `[batch]` int32.
+        Row b writes its k/v at slot `cache_index[b]` and attends to slots
+        `first_slot[b] <= j <= cache_index[b]` (left padding before `first_slot`, nothing
+        written yet after `cache_index`). Attention reads only the first `chunks_read`
+        chunks (traced, >= 1; they must hold slot `max(cache_index)`): the branches of a
+        `lax.switch` read 1, 2, ... chunks, each chunk its own buffer, so a decode step reads
+        the filled part of the cache without copying it. Returns (logits `[batch, vocab]`,
+        cache).
+        """
+        batch = tokens.shape[0]
+        rows = jnp.arange(batch)
+        dtype = self.config.dtype
+        sizes = [v.shape[2] for v in cache.v[0]]
+        starts = np.cumsum([0, *sizes])
+        x = self._embed(tokens[:, None])
+
+        def attend_first(count):
+            def attend(q, k_chunks, v_chunks):
+                slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
+                allowed = (slot >= first_slot[:, None]) & (slot <= cache_index[:, None])
+                k_t = [k.astype(dtype) for k in k_chunks[:count]]
+                v = [v.astype(dtype) for v in v_chunks[:count]]
+                return attend_cache_chunks(q, k_t, v, allowed[:, None])
+
+            return attend
+
+        branches = [attend_first(n) for n in range(1, len(sizes) + 1)]
+        keys, values = [], []
+        for block, k_chunks, v_chunks in zip(
+            layers or self.unstacked_layers(), cache.k, cache.v, strict=True
+        ):
+            q, k, new_v = block.qkv(x, positions[:, None])
+            k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
+            k_chunks, v_chunks = list(k_chunks), list(v_chunks)
+            for c, (start, size) in enumerate(zip(starts, sizes, strict=False)):
+                local = cache_index - start
+                target = jnp.where((local >= 0) & (local < size), rows, batch)  # else dropped
+                at = jnp.clip(local, 0, size - 1)
+                k_chunks[c] = (
+                    k_chunks[c]
+                    .at[target, :, :, at]
+                    .set(k_new.astype(k_chunks[c].dtype), mode="drop")
+                )
+                v_chunks[c] = (
+                    v_chunks[c]
+                    .at[target, :, at, :]
+                    .set(v_new.astype(v_chunks[c].dtype), mode="drop")
+                )
+            k_chunks, v_chunks = tuple(k_chunks), tuple(v_chunks)
+            if len(branches) == 1:
+                attn = branches[0](q, k_chunks, v_chunks)
+            else:
+                attn = jax.lax.switch(chunks_read - 1, branches, q, k_chunks, v_chunks)
+            x = block.finish(x, attn)
+            keys.append(k_chunks)
+            values.append(v_chunks)
+        return self._logits(self.final_norm(x))[:, 0], KVCache(tuple(keys), tuple(values))
+
 
 def init_model(config: ModelConfig, seed) -> Decoder:
     """A freshly initialised decoder: N(0, 0.02^2) matrices, zero biases, unit norm scales.
@@ -327,6 +392,16 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     keys = tuple(jnp.zeros((batch, heads, dim, max_len), dtype) for _ in range(layers))
     values = tuple(jnp.zeros((batch, heads, max_len, dim), dtype) for _ in range(layers))
     return KVCache(keys, values)
+
+
+def chunked_cache(config: ModelConfig, batch: int, sizes, dtype=None) -> KVCache:
+    """Zero KV cache for `Decoder.decode_rows`: per layer, a tuple of chunks of the cache length
+    `sizes` (keys `[batch, kv_heads, head_dim, size]`, values `[batch, kv_heads, size, d]`)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    heads, dim = config.num_kv_heads, config.head_dim
+    keys = tuple(jnp.zeros((batch, heads, dim, n), dtype) for n in sizes)
+    values = tuple(jnp.zeros((batch, heads, n, dim), dtype) for n in sizes)
+    return KVCache((keys,) * config.num_layers, (values,) * config.num_layers)
 
 
 def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> jax.Array:
