@@ -4,7 +4,7 @@
 
 Two runs of `python -m rl_jax.train embedded` (same seed, no evaluation, no checkpoints; one
 XLA:CPU device per core as the CLI sets up) step side by side in one process through
-`rl_jax.train.HostSide.step`: after `--warmup-steps` untimed steps each (they compile the
+`rl_jax.host_side.HostSide.step`: after `--warmup-steps` untimed steps each (they compile the
 update, and the packed run one update per new packed shape, `packing.planned_shapes`, which
 a later step may still add), every round takes
 `--steps-per-round` steps of the padded run, then as many of the packed run, and reports the
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     import jax
 
     from rl_jax import build
-    from rl_jax.train import HostSide, generation_window, make_step
+    from rl_jax.host_side import HostSide
+    from rl_jax.train import generation_window, make_step
 
     mesh = parallel.make_mesh(base.memory.fsdp)
     runs = {}

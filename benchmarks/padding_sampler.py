@@ -81,7 +81,8 @@ def _embedded_runners():
     """The embedded preset's sample of step 1, lock-step and with slots: {name: () -> None}."""
     from rl_jax import build, parallel
     from rl_jax import config as config_lib
-    from rl_jax.train import HostSide, make_step
+    from rl_jax.host_side import HostSide
+    from rl_jax.train import make_step
 
     runners = {}
     for name, num_slots in (("lockstep", 0), ("slots", STEP_SLOTS)):

@@ -10,7 +10,7 @@ Nothing is allocated: parameters, optimizer state and batch are abstract `ShapeD
 carrying their shardings over `--devices` virtual CPU devices (a `[data, fsdp]` mesh), and each
 program is only lowered and compiled (`jax.jit(f).lower(...).compile().memory_analysis()`). The
 learner program is `Learner.traced_update` with the state donated, as `Learner.update` runs it, on the
-state placement `Learner.init` produces (`learner.state_shardings`); the sampler program is the compiled `generate` (prefill
+state placement `Learner.init` produces (`Learner.state_shardings`); the sampler program is the compiled `generate` (prefill
 + decode loop; `--decode-slots S`: S slots over all devices, `rl_jax.slots`). Per-device peak = arguments + outputs - aliased + temporaries. The largest
 buffers are the largest array shapes in the optimised HLO (top-level instructions; fusions'
 internals are never materialised). Flags left out take the settings the README recommends for
@@ -53,7 +53,7 @@ import padding  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from rl_jax import algorithms, parallel, sampler  # noqa: E402
-from rl_jax.learner import Learner, TrainBatch, state_shardings  # noqa: E402
+from rl_jax.learner import Learner, TrainBatch  # noqa: E402
 from rl_jax.models import Decoder, MemoryOptions, config_names, get_config  # noqa: E402
 from rl_jax.models.memory import ATTENTION, REMAT_POLICIES  # noqa: E402
 
@@ -171,7 +171,7 @@ def learner_program(config, mesh, args):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
     params = abstract(params, parallel.param_shardings(params, mesh))
     learner = paper_learner(graphdef, args, mesh)
-    state = abstract(jax.eval_shape(learner.init, params), state_shardings(learner.tx, params))
+    state = abstract(jax.eval_shape(learner.init, params), learner.state_shardings(params))
     rows, prompt, response = args.rows, args.prompt_len, args.response_len
     batch_sharding = parallel.batch_sharding(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)

@@ -4,7 +4,7 @@
     python benchmarks/seeds.py --seeds 1 5 --steps 12
 
 For each seed count N, the embedded default (warm-started tiny policy, 8 prompts x 8
-responses, GRPO, sync_interval 1) runs `--steps` steps of `rl_jax.train.HostSide.step` with
+responses, GRPO, sync_interval 1) runs `--steps` steps of `rl_jax.host_side.HostSide.step` with
 `num_seeds = N`: one compiled sample, the host reward of all N batches, one compiled learn. The
 process has one XLA:CPU device per core (`rl_jax.parallel.use_cpu_cores`, as the command-line
 entry points; `RL_JAX_CPU_DEVICES` sets the count), and several settings run in it, their steps
@@ -37,7 +37,8 @@ import peak  # noqa: E402
 
 from rl_jax import build, host_memory, parallel  # noqa: E402
 from rl_jax import config as config_lib  # noqa: E402
-from rl_jax.train import HostSide, make_step  # noqa: E402
+from rl_jax.host_side import HostSide  # noqa: E402
+from rl_jax.train import make_step  # noqa: E402
 
 
 def _host(num_seeds: int, runs_per_batch: int, devices: int, steps: int, out: pathlib.Path):

@@ -6,7 +6,7 @@
 With `sync_interval = k` the sampler's parameters cannot change for k steps, so `rl_jax.train`
 generates the batches of those k steps in one call (`SyncSchedule.window`, up to the
 `window_cap_gib` of KV cache, `--window-cap-gib`, default 4). For each workload and interval the same seed runs
-`(blocks + 1) * 20` steps through `rl_jax.train.HostSide.step`; the first 20 (which compile
+`(blocks + 1) * 20` steps through `rl_jax.host_side.HostSide.step`; the first 20 (which compile
 every program) are not timed. Reported over the timed steps: sampling throughput (rollout
 tokens per second of sampling time), whole steps per second, the sample / learn seconds per
 step, and the ratios to interval 1 measured in the same run. Workloads:
@@ -36,9 +36,10 @@ import rl_step  # noqa: E402
 
 from rl_jax import build, host_memory, models, parallel  # noqa: E402
 from rl_jax import config as config_lib  # noqa: E402
+from rl_jax.host_side import HostSide  # noqa: E402
 from rl_jax.tasks import Example  # noqa: E402
 from rl_jax.tokenizer import HFTokenizer  # noqa: E402
-from rl_jax.train import HostSide, generation_window, make_step  # noqa: E402
+from rl_jax.train import generation_window, make_step  # noqa: E402
 
 BLOCK = 20  # steps per timing block: the largest interval measured
 

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from rl_jax import advantages as advantages_lib
 from rl_jax import compat, groups, guards, logprobs, losses, packing, parallel
+from rl_jax import optimizer as optimizer_lib
 from rl_jax.algorithms import Algorithm
 from rl_jax.config_sections import OptimizerConfig
 from rl_jax.models import MemoryOptions, forward_hidden
@@ -113,48 +114,6 @@ def packed_hidden(graphdef, params, batch: TrainBatch, pack: packing.Packing, me
     return hidden, head, layout, jnp.roll(tokens, -1, axis=1)
 
 
-def float32_moments(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` run in float32 whatever the parameter dtype: its state (AdamW's moments) is float32,
-    gradients and parameters are upcast on the way in and the updates cast back to each
-    parameter's dtype. With float32 parameters (the recommended master copy, with bfloat16
-    compute) every cast is a no-op; with bfloat16 parameters an update smaller than half a
-    bfloat16 ulp of its parameter (|u| < |p| * 2^-9) rounds away when applied."""
-    up = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
-
-    def update(grads, state, params=None):
-        updates, state = tx.update(up(grads), state, None if params is None else up(params))
-        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
-
-    return optax.GradientTransformation(lambda params: tx.init(up(params)), update)
-
-
-def state_shardings(tx: optax.GradientTransformation, params):
-    """Shardings of `LearnerState(params, tx.init(params), step)` with every optimizer moment
-    placed like its parameter; None (let XLA choose) when `params` are not on a mesh.
-
-    Specs are written without trailing Nones (`P(None, "fsdp")`, not `P(None, "fsdp", None)`),
-    the form XLA gives the update's outputs: equal placements must also compare equal, or the
-    second update would compile again.
-    """
-    leaves = [getattr(x, "sharding", None) for x in jax.tree.leaves(params)]
-    if not leaves or not all(isinstance(s, jax.sharding.NamedSharding) for s in leaves):
-        return None
-
-    def canonical(s):
-        spec = list(s.spec)
-        while spec and spec[-1] is None:
-            spec.pop()
-        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
-
-    shardings = jax.tree.map(lambda x: canonical(x.sharding), params)
-    replicated = jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, shardings, transform_non_params=lambda _: replicated
-    )
-    return LearnerState(params=shardings, opt_state=opt_shardings, step=replicated)
-
-
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _jitted_update(learner, state, batch, ref_params, key, pack=None):
     return learner.traced_update(state, batch, ref_params, key, pack)
@@ -218,7 +177,7 @@ class Learner:
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return float32_moments(self.optimizer.build(self.steps))
+        return optimizer_lib.float32_moments(self.optimizer.build(self.steps))
 
     def init_state(self, params) -> LearnerState:
         """A fresh state (traceable): the params, their float32 optimizer state, step 0."""
@@ -230,7 +189,12 @@ class Learner:
         Each optimizer moment is placed like its parameter (under fsdp > 1 sharded like it, not
         replicated); the step count and other scalars are replicated on the parameters' mesh.
         """
-        return jax.jit(self.init_state, out_shardings=state_shardings(self.tx, params))(params)
+        return jax.jit(self.init_state, out_shardings=self.state_shardings(params))(params)
+
+    def state_shardings(self, params) -> LearnerState | None:
+        """Where `init` places the state of `params` (`rl_jax.optimizer.state_shardings`)."""
+        placed = optimizer_lib.state_shardings(self.tx, params)
+        return None if placed is None else LearnerState(*placed)
 
     def update(self, state: LearnerState, batch: TrainBatch, ref_params, key, pack=None):
         """One jitted update -> (state, metrics); `state` is donated.

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from rl_jax import algorithms, config, logprobs, losses, models
-from rl_jax.learner import Learner, float32_moments, state_shardings
+from rl_jax.learner import Learner
 from rl_jax.models import MemoryOptions
 from rl_jax.models.attention import attend, attend_chunked, attend_dot_product
 from rl_jax.models.memory import LOOP_MAX_LAYERS
+from rl_jax.optimizer import float32_moments, state_shardings
 from tests.test_learner import VOCAB, G, make_batch, response_logits
 
 RTOL = 1e-5

@@ -31,23 +31,23 @@ FIELDS = {
 }
 STOPPER = """
 import os, signal, sys, time
-from rl_jax import checkpoint, train
+from rl_jax import checkpoint, host_side, train
 
 mode, stop_at = sys.argv[1], 3
 if mode == "sampling":  # the signal arrives while step 3's batch is being generated
-    sample = train.HostSide._sample_window
+    sample = host_side.HostSide._sample_window
     def _sample_window(self, state, step):
         if step == stop_at:
             os.kill(os.getpid(), signal.SIGINT)
         return sample(self, state, step)
-    train.HostSide._sample_window = _sample_window
+    host_side.HostSide._sample_window = _sample_window
 else:  # "save": signalled during step 3; the save of step 3 then hangs until signalled again
-    learn_step = train.HostSide.step
+    learn_step = host_side.HostSide.step
     def step(self, state, k):
         if k == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return learn_step(self, state, k)
-    train.HostSide.step = step
+    host_side.HostSide.step = step
     save = checkpoint.Checkpointer.save
     def slow_save(self, k, state, meta):
         if k == stop_at:

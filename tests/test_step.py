@@ -16,9 +16,10 @@ import pytest
 
 from rl_jax import build, parallel, step
 from rl_jax import config as config_lib
+from rl_jax.host_side import HostSide
 from rl_jax.metrics import read_metrics
 from rl_jax.sync import SyncSchedule
-from rl_jax.train import HostSide, make_step, train
+from rl_jax.train import make_step, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"prompts_per_step": 2, "group_size": 4, "eval_every": 0, "learning_rate": 3e-4}
