@@ -109,7 +109,7 @@ def _loss_and_grads(learner, params, ref_params):
     mask = batch.response_mask
     denominator = losses.loss_denominator(mask, learner.algorithm.loss)
     fn = jax.jit(jax.value_and_grad(learner._loss, has_aux=True))
-    (loss, (policy_metrics, sums)), grads = fn(params, batch, adv, denominator, ref_params)
+    (loss, (policy_metrics, sums)), grads = fn(params, batch, adv, None, denominator, ref_params)
     return loss, {**policy_metrics, **sums}, grads
 
 
