@@ -45,7 +45,6 @@ def make_policy(config: TrainConfig, task: Task) -> tuple[models.ModelConfig, An
         model_config, model = warm_start.load_or_train(task)
         return (*_with_dtypes(model_config, model, dtypes), task.tokenizer)
     if config.model in models.config_names():
-        print(f"model={config.model!r} is an architecture preset: starting from random weights")
         model_config = dataclasses.replace(
             models.get_config(config.model, **dtypes), vocab_size=task.tokenizer.vocab_size
         )
@@ -62,6 +61,13 @@ def _with_dtypes(model_config, model, dtypes: dict[str, str]):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0))))
     params = jax.tree.map(lambda x: x.astype(model_config.param_dtype), nnx.state(model))
     return model_config, nnx.merge(graphdef, params)
+
+
+def random_weights_note(config: TrainConfig) -> str | None:
+    """The line a run that starts afresh from an architecture preset prints: random weights."""
+    if config.model in models.config_names():
+        return f"model={config.model!r} is an architecture preset: starting from random weights"
+    return None
 
 
 def check_model_dir(model: str) -> None:

@@ -160,6 +160,9 @@ def _train(config: config_lib.TrainConfig, watch: preemption.Watch) -> RunResult
         ]  # each refuses a gap in its metrics.jsonl before the restored step
         for single in runs if primary else ():
             run_dir.write_config(single)
+        note = None if start else build.random_weights_note(config)
+        if note:
+            print(note, flush=True)
         if start:
             print(f"resuming {config.out_dir} from step {start}", flush=True)
         if start == 0 and config.evaluates_at(0):

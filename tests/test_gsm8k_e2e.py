@@ -160,7 +160,7 @@ def test_model_dir_without_config_or_with_only_pickle_weights(capsys, tmp_path):
     (model / "pytorch_model.bin").write_bytes(b"pickle")
     err = _main_error(capsys, tmp_path, model=str(model))
     assert "has no model.safetensors" in err and "pickle checkpoints" in err
-    assert "is neither a preset nor a directory" in _main_error(capsys, tmp_path, model="nope")
+    assert "is none of them (no such directory)" in _main_error(capsys, tmp_path, model="nope")
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(capsys, tmp_path):
