@@ -265,7 +265,8 @@ class Paper:
             jax.block_until_ready(compiled(self.params, jax.random.key(0), tokens, mask))
         )
         times = self._timed(run, deadline)
-        generated = float(np.asarray(out[-1].response_mask).sum())
+        rollout, _ = out[-1]  # (Rollout, slot-steps)
+        generated = float(np.asarray(rollout.response_mask).sum())
         flops = self.flops(rows)["sample"]
         return self._result(rows, settings, compile_s, estimate, times, generated, flops)
 
