@@ -24,7 +24,9 @@ Decode attention reads only the filled part of the cache: the cache is held in c
 its length (`kv_widths`, each chunk its own buffer), and a step reads the chunks up to the
 furthest live slot (`Decoder.decode_rows`), not the whole static P + N. Reading a prefix of
 one buffer instead would copy it first on XLA:CPU, which cost more than it saved
-(BENCHMARKS.md, "Slot decoding").
+(BENCHMARKS.md, "Slot decoding"). The lock-step decode (one slot per row) keeps its cache in
+one chunk and reads all of it, as before slots: on XLA:CPU each chunk a step may read keeps its
+own float32 copy of the chunk, 1.9 GiB per device more for Qwen2.5-1.5B at the paper's step.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _shared(x, loop_axes, reduce=jax.lax.psum):
 
 
 def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, width,
-           top_k_width, nucleus, loop_axes=()):  # fmt: skip
+           top_k_width, nucleus, loop_axes=(), rows=None):  # fmt: skip
     """Decodes the queue `prompt_tokens`, `prompt_mask` `[Q, P]` (left-padded), `keys` `[Q]`.
 
     `knobs` (`sampler._Knobs`): the traced sampling settings; `knobs.max_new_tokens` is the cap
@@ -73,12 +75,14 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
     slot-steps were computed, plus one draw per refill). `slots`: S, static; 0 or >= Q: one
     slot per row. `loop_axes`: the named vmapped axes the call is inside; they share one loop
     (a per-batch condition would make vmap select between old and new carries, copying the KV
-    cache every step).
+    cache every step). `rows`: the sharding of the rows (lock-step over a mesh without
+    `shard_map`), which the KV cache follows.
     """
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
     queue, prompt_width = prompt_tokens.shape
     num_slots = min(slots or queue, queue)
-    ends = kv_widths(prompt_width + width)  # the cache in chunks [0, ends[0]), [ends[0], ...
+    # The cache in chunks [0, ends[0]), [ends[0], ends[1]), ...; lock-step in one (module doc).
+    ends = kv_widths(prompt_width + width) if num_slots < queue else (prompt_width + width,)
     sizes = [b - a for a, b in zip((0, *ends), ends, strict=False)]
 
     def store(cache, prefilled, slot, fill):
@@ -172,6 +176,8 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         row, t, live = carry["row"], carry["t"], carry["live"]
         index = prompt_width + t - 1  # the cache slot of the token being decoded
         filled = jnp.max(jnp.where(live, index + 1, 1))
+        if num_slots == queue:  # lock-step: the live rows share one slot (ended rows write
+            index = filled - 1  # there too, into a region no row reads again)
         chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
         logits, cache = model.decode_rows(
             carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
@@ -188,9 +194,14 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         prompt_tokens[first], positions[first], model.init_cache(num_slots, prompt_width),
         jnp.int32(0), prompt_mask[first], layers, last_only=True,
     )  # fmt: skip
-    cache = chunked_cache(model.config, num_slots, sizes)
+    place = lambda tree: (  # the cache and the outputs are placed like the rows
+        tree
+        if rows is None
+        else jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), tree)
+    )
+    cache = place(chunked_cache(model.config, num_slots, sizes))
     cache = store(cache, prefilled, jnp.int32(0), jnp.bool_(True))
-    columns = lambda fill, dtype: jnp.full((queue, width), fill, dtype)
+    columns = lambda fill, dtype: place(jnp.full((queue, width), fill, dtype))
     carry = {
         "cache": cache,
         "row": jnp.arange(num_slots, dtype=jnp.int32),
@@ -205,8 +216,8 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
             "mask": columns(0, jnp.float32),
             "sampled_logp": columns(0, jnp.float32),
             "untruncated_logp": columns(0, jnp.float32),
-            "ended": jnp.zeros(queue, bool),
+            "ended": place(jnp.zeros(queue, bool)),
         },
     }
     carry = jax.lax.while_loop(more, step, refill(emit_slots(carry, logits[:, -1])))
-    return {**carry["out"], "decode_steps": carry["steps"]}
+    return {**place(carry["out"]), "decode_steps": carry["steps"]}

@@ -285,8 +285,8 @@ class Decoder(nnx.Module):
         """One token per row, each row at its own cache slot, against a cache in chunks.
 
         `cache`: a `KVCache` whose per-layer entries are tuples of chunks along the cache
-        length (`chunked_cache`). tokens, positions, cache_index, first_slot: `[batch]` int32.
-        Row b writes its k/v at slot `cache_index[b]` and attends to slots
+        length (`chunked_cache`). tokens, positions, first_slot: `[batch]` int32; cache_index:
+        `[batch]` int32, or a scalar (every row at one slot: the lock-step decode). Row b writes its k/v at slot `cache_index[b]` and attends to slots
         `first_slot[b] <= j <= cache_index[b]` (left padding before `first_slot`, nothing
         written yet after `cache_index`). Attention reads only the first `chunks_read`
         chunks (traced, >= 1; they must hold slot `max(cache_index)`): the branches of a
@@ -300,16 +300,35 @@ class Decoder(nnx.Module):
         sizes = [v.shape[2] for v in cache.v[0]]
         starts = np.cumsum([0, *sizes])
         x = self._embed(tokens[:, None])
+        last = jnp.broadcast_to(cache_index, (batch,))
 
         def attend_first(count):
             def attend(q, k_chunks, v_chunks):
                 slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
-                allowed = (slot >= first_slot[:, None]) & (slot <= cache_index[:, None])
+                allowed = (slot >= first_slot[:, None]) & (slot <= last[:, None])
                 k_t = [k.astype(dtype) for k in k_chunks[:count]]
                 v = [v.astype(dtype) for v in v_chunks[:count]]
                 return attend_cache_chunks(q, k_t, v, allowed[:, None])
 
             return attend
+
+        def write(chunk, new, axis, at):
+            """`chunk` with row b's `new[b]` at `at[b]` along `axis` where 0 <= at[b] < size;
+            one `at` for all rows: a dynamic_update_slice (XLA:CPU computes a bfloat16 scatter
+            in float32, converting the whole chunk both ways)."""
+            inside = (at >= 0) & (at < chunk.shape[axis])
+            new = new.astype(chunk.dtype)
+            if jnp.ndim(at) == 0:
+                start = [jnp.int32(0)] * chunk.ndim
+                start[axis] = jnp.clip(at, 0, chunk.shape[axis] - 1)
+                new = jnp.expand_dims(new, axis)
+                old = jax.lax.dynamic_slice(chunk, start, new.shape)
+                return jax.lax.dynamic_update_slice(chunk, jnp.where(inside, new, old), start)
+            target = jnp.where(inside, rows, batch)  # else dropped
+            index = (target, slice(None), slice(None), jnp.clip(at, 0, chunk.shape[axis] - 1))
+            if axis == 2:
+                index = (target, slice(None), index[3], slice(None))
+            return chunk.at[index].set(new, mode="drop")
 
         branches = [attend_first(n) for n in range(1, len(sizes) + 1)]
         keys, values = [], []
@@ -318,22 +337,14 @@ class Decoder(nnx.Module):
         ):
             q, k, new_v = block.qkv(x, positions[:, None])
             k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
-            k_chunks, v_chunks = list(k_chunks), list(v_chunks)
-            for c, (start, size) in enumerate(zip(starts, sizes, strict=False)):
-                local = cache_index - start
-                target = jnp.where((local >= 0) & (local < size), rows, batch)  # else dropped
-                at = jnp.clip(local, 0, size - 1)
-                k_chunks[c] = (
-                    k_chunks[c]
-                    .at[target, :, :, at]
-                    .set(k_new.astype(k_chunks[c].dtype), mode="drop")
-                )
-                v_chunks[c] = (
-                    v_chunks[c]
-                    .at[target, :, at, :]
-                    .set(v_new.astype(v_chunks[c].dtype), mode="drop")
-                )
-            k_chunks, v_chunks = tuple(k_chunks), tuple(v_chunks)
+            k_chunks = tuple(
+                write(c, k_new, 3, cache_index - a)
+                for c, a in zip(k_chunks, starts[:-1], strict=True)
+            )
+            v_chunks = tuple(
+                write(c, v_new, 2, cache_index - a)
+                for c, a in zip(v_chunks, starts[:-1], strict=True)
+            )
             if len(branches) == 1:
                 attn = branches[0](q, k_chunks, v_chunks)
             else:
