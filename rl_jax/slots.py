@@ -22,7 +22,7 @@ row is a [P, d] forward that costs about one decode step of the slots.
 
 Decode attention reads only the filled part of the cache: the cache is held in chunks along
 its length (`kv_widths`, each chunk its own buffer), and a step reads the chunks up to the
-furthest live slot (`Decoder.decode_rows`), not the whole static P + N. Reading a prefix of
+furthest live slot (`decode_rows`), not the whole static P + N. Reading a prefix of
 one buffer instead would copy it first on XLA:CPU, which cost more than it saved
 (BENCHMARKS.md, "Slot decoding"). The lock-step decode (one slot per row) keeps its cache in
 one chunk and reads all of it, as before slots: on XLA:CPU each chunk a step may read keeps its
@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rl_jax.models.decoder import KVCache, chunked_cache
+from rl_jax.models.attention import attend_cache_chunks
+from rl_jax.models.config import ModelConfig
+from rl_jax.models.decoder import KVCache
 from rl_jax.sampling import draw
 
 OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
@@ -61,6 +64,94 @@ def _shared(x, loop_axes, reduce=jax.lax.psum):
     for axis in loop_axes:
         x = reduce(x, axis)
     return x
+
+
+def chunked_cache(config: ModelConfig, batch: int, sizes, dtype=None) -> KVCache:
+    """Zero KV cache for `decode_rows`: per layer, a tuple of chunks of the cache length
+    `sizes` (keys `[batch, kv_heads, head_dim, size]`, values `[batch, kv_heads, size, d]`)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    heads, dim = config.num_kv_heads, config.head_dim
+    keys = tuple(jnp.zeros((batch, heads, dim, n), dtype) for n in sizes)
+    values = tuple(jnp.zeros((batch, heads, n, dim), dtype) for n in sizes)
+    return KVCache((keys,) * config.num_layers, (values,) * config.num_layers)
+
+
+def _write_rows(chunk, new, axis, at):
+    """`chunk` (of a `chunked_cache`) with row b's `new[b]` written at `at[b]` along `axis`
+    where 0 <= at[b] < the chunk's length. With one scalar `at` for all rows this is a
+    dynamic_update_slice, not a scatter (XLA:CPU computes a bfloat16 scatter in float32,
+    converting the whole chunk both ways)."""
+    inside = (at >= 0) & (at < chunk.shape[axis])
+    new = new.astype(chunk.dtype)
+    if jnp.ndim(at) == 0:
+        start = [jnp.int32(0)] * chunk.ndim
+        start[axis] = jnp.clip(at, 0, chunk.shape[axis] - 1)
+        new = jnp.expand_dims(new, axis)
+        old = jax.lax.dynamic_slice(chunk, start, new.shape)
+        return jax.lax.dynamic_update_slice(chunk, jnp.where(inside, new, old), start)
+    batch = chunk.shape[0]
+    target = jnp.where(inside, jnp.arange(batch), batch)  # else dropped
+    index = (target, slice(None), slice(None), jnp.clip(at, 0, chunk.shape[axis] - 1))
+    if axis == 2:
+        index = (target, slice(None), index[3], slice(None))
+    return chunk.at[index].set(new, mode="drop")
+
+
+def decode_rows(model, tokens, positions, cache: KVCache, cache_index, first_slot, chunks_read,
+                layers=None):  # fmt: skip
+    """One decode step of `model` (a `Decoder`, its layers unrolled as in `Decoder.decode`): one
+    token per row, each row at its own cache slot, against a cache in chunks.
+
+    `cache`: a `KVCache` whose per-layer entries are tuples of chunks along the cache length
+    (`chunked_cache`). tokens, positions, first_slot: `[batch]` int32; cache_index: `[batch]`
+    int32, or a scalar (every row at one slot: the lock-step decode). Row b writes its k/v at
+    slot `cache_index[b]` and attends to slots `first_slot[b] <= j <= cache_index[b]` (left
+    padding before `first_slot`, nothing written yet after `cache_index`). Attention reads
+    only the first `chunks_read` chunks (traced, >= 1; they must hold slot `max(cache_index)`):
+    the branches of a `lax.switch` read 1, 2, ... chunks, each chunk its own buffer, so a
+    decode step reads the filled part of the cache without copying it. Returns (logits
+    `[batch, vocab]`, cache).
+    """
+    batch = tokens.shape[0]
+    dtype = model.config.dtype
+    sizes = [v.shape[2] for v in cache.v[0]]
+    starts = np.cumsum([0, *sizes])
+    x = model.embed_tokens(tokens[:, None])
+    last = jnp.broadcast_to(cache_index, (batch,))
+
+    def attend_first(count):
+        def attend(q, k_chunks, v_chunks):
+            slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
+            allowed = (slot >= first_slot[:, None]) & (slot <= last[:, None])
+            k_t = [k.astype(dtype) for k in k_chunks[:count]]
+            v = [v.astype(dtype) for v in v_chunks[:count]]
+            return attend_cache_chunks(q, k_t, v, allowed[:, None])
+
+        return attend
+
+    branches = [attend_first(n) for n in range(1, len(sizes) + 1)]
+    keys, values = [], []
+    for block, k_chunks, v_chunks in zip(
+        layers or model.unstacked_layers(), cache.k, cache.v, strict=True
+    ):
+        q, k, new_v = block.qkv(x, positions[:, None])
+        k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
+        k_chunks = tuple(
+            _write_rows(c, k_new, 3, cache_index - a)
+            for c, a in zip(k_chunks, starts[:-1], strict=True)
+        )
+        v_chunks = tuple(
+            _write_rows(c, v_new, 2, cache_index - a)
+            for c, a in zip(v_chunks, starts[:-1], strict=True)
+        )
+        if len(branches) == 1:
+            attn = branches[0](q, k_chunks, v_chunks)
+        else:
+            attn = jax.lax.switch(chunks_read - 1, branches, q, k_chunks, v_chunks)
+        x = block.finish(x, attn)
+        keys.append(k_chunks)
+        values.append(v_chunks)
+    return model.logits_of(model.final_norm(x))[:, 0], KVCache(tuple(keys), tuple(values))
 
 
 def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, width,
@@ -179,8 +270,8 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         if num_slots == queue:  # lock-step: the live rows share one slot (ended rows write
             index = filled - 1  # there too, into a region no row reads again)
         chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
-        logits, cache = model.decode_rows(
-            carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
+        logits, cache = decode_rows(
+            model,             carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
             prompt_width - prompt_length[row], chunks_read, layers,
         )  # fmt: skip
         carry = {**carry, "cache": cache, "steps": carry["steps"] + jnp.any(live)}
