@@ -184,8 +184,8 @@ def _generate_program(
     the rows (a contiguous block of the queue) through its own `slots / devices` slots
     (`shard_map`): rows never move between devices. The lock-step decode is left to XLA's
     partitioner instead: `shard_map` would gather every replicated or fsdp-sharded weight
-    before the loop (Qwen2.5-1.5B over 8 devices: 13.8 against 9.7 GiB per device, BENCHMARKS.md
-    "Slot decoding"), where the partitioner gathers each where a step uses it.
+    before the loop (Qwen2.5-1.5B over 8 devices: 13.8 against 9.5 GiB per device, BENCHMARKS.md
+    "Slot decoding"), where the partitioner gathers each inside the loop, where a step uses it.
     """
     _compile_counter[0] += 1
     graphdef, width, slots, mesh = program.graphdef, program.width, program.slots, program.mesh

@@ -271,7 +271,7 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
             index = filled - 1  # there too, into a region no row reads again)
         chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
         logits, cache = decode_rows(
-            model,             carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
+            model, carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
             prompt_width - prompt_length[row], chunks_read, layers,
         )  # fmt: skip
         carry = {**carry, "cache": cache, "steps": carry["steps"] + jnp.any(live)}
