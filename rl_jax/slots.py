@@ -20,9 +20,10 @@ The alternative, a chunked prefill that feeds prompt tokens through the decode s
 hold a slot for P more steps per row and pad every decode step to the chunk; a prompt of one
 row is a [P, d] forward that costs about one decode step of the slots.
 
-Decode attention reads only the filled part of the cache: the cache is held in chunks along
-its length (`kv_widths`, each chunk its own buffer), and a step reads the chunks up to the
-furthest live slot (`decode_rows`), not the whole static P + N. Reading a prefix of
+Decode attention reads only the filled part of the cache: the cache is held in groups of
+`GROUP_SLOTS` slots and in chunks along its length (`kv_widths`), each group's chunk its own
+buffer, and a step reads each group's chunks up to that group's furthest live slot
+(`decode_rows`), not the whole static P + N. Reading a prefix of
 one buffer instead would copy it first on XLA:CPU, which cost more than it saved
 (BENCHMARKS.md, "Slot decoding"). The lock-step decode (one slot per row) keeps its cache in
 one chunk and reads all of it, as before slots: on XLA:CPU each chunk a step may read keeps its
@@ -41,6 +42,7 @@ from rl_jax.models.decoder import KVCache
 from rl_jax.sampling import draw
 
 OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
+GROUP_SLOTS = 8  # slots per cache group: each group reads up to its own furthest live slot
 
 
 def kv_widths(total: int) -> tuple[int, ...]:
@@ -97,61 +99,69 @@ def _write_rows(chunk, new, axis, at):
     return chunk.at[index].set(new, mode="drop")
 
 
-def decode_rows(model, tokens, positions, cache: KVCache, cache_index, first_slot, chunks_read,
+def decode_rows(model, tokens, positions, caches, cache_index, first_slot, chunks_read,
                 layers=None):  # fmt: skip
     """One decode step of `model` (a `Decoder`, its layers unrolled as in `Decoder.decode`): one
-    token per row, each row at its own cache slot, against a cache in chunks.
+    token per row, each row at its own cache slot, against a cache in groups of rows and chunks.
 
-    `cache`: a `KVCache` whose per-layer entries are tuples of chunks along the cache length
-    (`chunked_cache`). tokens, positions, first_slot: `[batch]` int32; cache_index: `[batch]`
-    int32, or a scalar (every row at one slot: the lock-step decode). Row b writes its k/v at
-    slot `cache_index[b]` and attends to slots `first_slot[b] <= j <= cache_index[b]` (left
-    padding before `first_slot`, nothing written yet after `cache_index`). Attention reads
-    only the first `chunks_read` chunks (traced, >= 1; they must hold slot `max(cache_index)`):
-    the branches of a `lax.switch` read 1, 2, ... chunks, each chunk its own buffer, so a
-    decode step reads the filled part of the cache without copying it. Returns (logits
-    `[batch, vocab]`, cache).
+    `caches`: G `KVCache`s of `chunked_cache`, group g holding rows g * B/G .. (g + 1) * B/G - 1,
+    each its own buffers, per layer a tuple of chunks along the cache length. tokens, positions,
+    first_slot: `[B]` int32; cache_index: `[B]` int32, or a scalar (every row at one slot: the
+    lock-step decode). Row b writes its k/v at slot `cache_index[b]` and attends to slots
+    `first_slot[b] <= j <= cache_index[b]` (left padding before `first_slot`, nothing written
+    yet after `cache_index`). Group g's attention reads only its first `chunks_read[g]` chunks
+    (`[G]`, traced, >= 1; they must hold its rows' slots): the branches of a `lax.switch` read
+    1, 2, ... chunks, each chunk its own buffer, so a decode step reads the filled part of each
+    group's cache without copying it. Returns (logits `[B, vocab]`, caches).
     """
-    batch = tokens.shape[0]
+    batch, groups = tokens.shape[0], len(caches)
+    size = batch // groups
     dtype = model.config.dtype
-    sizes = [v.shape[2] for v in cache.v[0]]
+    sizes = [v.shape[2] for v in caches[0].v[0]]
     starts = np.cumsum([0, *sizes])
     x = model.embed_tokens(tokens[:, None])
     last = jnp.broadcast_to(cache_index, (batch,))
+    at = lambda g: cache_index if jnp.ndim(cache_index) == 0 else cache_index[g * size :][:size]
 
-    def attend_first(count):
+    def attend_first(count, g):
+        first, end = first_slot[g * size :][:size], last[g * size :][:size]
+
         def attend(q, k_chunks, v_chunks):
             slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
-            allowed = (slot >= first_slot[:, None]) & (slot <= last[:, None])
+            allowed = (slot >= first[:, None]) & (slot <= end[:, None])
             k_t = [k.astype(dtype) for k in k_chunks[:count]]
             v = [v.astype(dtype) for v in v_chunks[:count]]
             return attend_cache_chunks(q, k_t, v, allowed[:, None])
 
         return attend
 
-    branches = [attend_first(n) for n in range(1, len(sizes) + 1)]
-    keys, values = [], []
-    for block, k_chunks, v_chunks in zip(
-        layers or model.unstacked_layers(), cache.k, cache.v, strict=True
-    ):
+    branches = [[attend_first(n, g) for n in range(1, len(sizes) + 1)] for g in range(groups)]
+    written = [([], []) for _ in range(groups)]
+    for i, block in enumerate(layers or model.unstacked_layers()):
         q, k, new_v = block.qkv(x, positions[:, None])
         k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
-        k_chunks = tuple(
-            _write_rows(c, k_new, 3, cache_index - a)
-            for c, a in zip(k_chunks, starts[:-1], strict=True)
-        )
-        v_chunks = tuple(
-            _write_rows(c, v_new, 2, cache_index - a)
-            for c, a in zip(v_chunks, starts[:-1], strict=True)
-        )
-        if len(branches) == 1:
-            attn = branches[0](q, k_chunks, v_chunks)
-        else:
-            attn = jax.lax.switch(chunks_read - 1, branches, q, k_chunks, v_chunks)
-        x = block.finish(x, attn)
-        keys.append(k_chunks)
-        values.append(v_chunks)
-    return model.logits_of(model.final_norm(x))[:, 0], KVCache(tuple(keys), tuple(values))
+        attn = []
+        for g, cache in enumerate(caches):
+            rows = slice(g * size, (g + 1) * size)
+            k_chunks = tuple(
+                _write_rows(c, k_new[rows], 3, at(g) - a)
+                for c, a in zip(cache.k[i], starts[:-1], strict=True)
+            )
+            v_chunks = tuple(
+                _write_rows(c, v_new[rows], 2, at(g) - a)
+                for c, a in zip(cache.v[i], starts[:-1], strict=True)
+            )
+            if len(sizes) == 1:
+                attn.append(branches[g][0](q[rows], k_chunks, v_chunks))
+            else:
+                attn.append(
+                    jax.lax.switch(chunks_read[g] - 1, branches[g], q[rows], k_chunks, v_chunks)
+                )
+            written[g][0].append(k_chunks)
+            written[g][1].append(v_chunks)
+        x = block.finish(x, jnp.concatenate(attn, axis=0))
+    caches = tuple(KVCache(tuple(k), tuple(v)) for k, v in written)
+    return model.logits_of(model.final_norm(x))[:, 0], caches
 
 
 def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, width,
@@ -172,13 +182,26 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
     queue, prompt_width = prompt_tokens.shape
     num_slots = min(slots or queue, queue)
+    # Slots in groups of GROUP_SLOTS, each group's cache its own buffers (`decode_rows`).
+    group = GROUP_SLOTS if num_slots < queue and num_slots % GROUP_SLOTS == 0 else num_slots
     # The cache in chunks [0, ends[0]), [ends[0], ends[1]), ...; lock-step in one (module doc).
     ends = kv_widths(prompt_width + width) if num_slots < queue else (prompt_width + width,)
     sizes = [b - a for a, b in zip((0, *ends), ends, strict=False)]
 
-    def store(cache, prefilled, slot, fill):
-        """`cache` (in chunks) with the prompt slots 0 .. P-1 of `prefilled` (a plain `[n, ...]`
-        cache) written at rows slot .. slot + n - 1 where `fill`."""
+    def store(caches, prefilled, slot, fill):
+        """`caches` (in groups and chunks) with the prompt slots 0 .. P-1 of `prefilled` (a plain
+        `[n, ...]` cache) written at slots slot .. slot + n - 1 where `fill`: all slots (the first
+        prefill, slot 0) or one."""
+        if prefilled.v[0].shape[0] == num_slots:
+            part = lambda g: jax.tree.map(lambda x: x[g * group : (g + 1) * group], prefilled)
+            return tuple(store_one(c, part(g), 0, fill) for g, c in enumerate(caches))
+        return tuple(
+            store_one(c, prefilled, jnp.clip(slot - g * group, 0, group - 1),
+                      fill & (slot // group == g))
+            for g, c in enumerate(caches)
+        )  # fmt: skip
+
+    def store_one(cache, prefilled, slot, fill):
 
         def put(chunk, part):
             start = (slot,) + (0,) * (chunk.ndim - 1)
@@ -266,10 +289,11 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         """One decode step of every slot, then the refills."""
         row, t, live = carry["row"], carry["t"], carry["live"]
         index = prompt_width + t - 1  # the cache slot of the token being decoded
-        filled = jnp.max(jnp.where(live, index + 1, 1))
+        filled = jnp.where(live, index + 1, 1).reshape(-1, group).max(axis=1)  # per group
         if num_slots == queue:  # lock-step: the live rows share one slot (ended rows write
-            index = filled - 1  # there too, into a region no row reads again)
-        chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
+            index = filled[0] - 1  # there too, into a region no row reads again)
+        chunks_read = jnp.sum(jnp.asarray(ends)[None] < filled[:, None], axis=1) + 1
+        chunks_read = _shared(chunks_read, loop_axes, jax.lax.pmax)
         logits, cache = decode_rows(
             model, carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
             prompt_width - prompt_length[row], chunks_read, layers,
@@ -290,7 +314,9 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         if rows is None
         else jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), tree)
     )
-    cache = place(chunked_cache(model.config, num_slots, sizes))
+    cache = place(
+        tuple(chunked_cache(model.config, group, sizes) for _ in range(num_slots // group))
+    )
     cache = store(cache, prefilled, jnp.int32(0), jnp.bool_(True))
     columns = lambda fill, dtype: place(jnp.full((queue, width), fill, dtype))
     carry = {
