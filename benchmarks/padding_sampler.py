@@ -11,8 +11,6 @@ model, three comparisons, alternated in each round:
 - window: a sync window of `WINDOW_STEPS` = 20 steps (sync_interval = 20: one policy version),
   20 lock-step calls as the trainer makes them step by step, against the window's 1,280 rows
   through `WINDOW_SLOTS` slots in one call: `window_speedup`.
-- lockstep_full_s: the lock-step decode with every step reading the whole cache (the decode
-  before issue 32, kept here as the reference for the bounded reads).
 
 A random-weight model would not end its rows at the drawn lengths, so each row's cap is set
 to its drawn length (`knobs.max_new_tokens` per row): every row ends there, and each decode
@@ -30,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rl_jax import models, sampler, slots
+from rl_jax import models, sampler
 from rl_jax.sampler import SamplingConfig
 
 STEP_SLOTS, WINDOW_SLOTS, WINDOW_STEPS = 16, 64, 20
@@ -44,31 +42,21 @@ def _prompts(workload, rng) -> tuple[np.ndarray, np.ndarray]:
     return tokens.astype(np.int32), mask.astype(np.int32)
 
 
-def _decoder(graphdef, params, workload, num_slots, full_width=False):
+def _decoder(graphdef, params, workload, num_slots):
     """rows (keys, tokens, mask, lengths) -> (Rollout, slot-steps), jitted, each row ending at
-    its length; `full_width`: every decode step reads the whole cache."""
+    its length."""
     config = SamplingConfig(
         eos_id=10**6, max_new_tokens=workload.cap, generation_buckets=(workload.cap,),
         prompt_buckets=(workload.prompt_bucket,),
     )  # fmt: skip
     knobs = sampler._Knobs.of(config)
-    widths = (lambda total: (total,)) if full_width else slots.kv_widths
-
-    def program(params, keys, tokens, mask, lengths):
-        slots.kv_widths = widths  # read while tracing only
-        try:
-            program = sampler.GenerationProgram(graphdef, 0, False, workload.cap, num_slots)
-            return sampler._generate_program(
-                program, params, 0, keys, tokens, mask, knobs.replace(max_new_tokens=lengths)
-            )
-        finally:
-            slots.kv_widths = _KV_WIDTHS
-
-    jitted = jax.jit(program)
+    program = sampler.GenerationProgram(graphdef, 0, False, workload.cap, num_slots)
+    jitted = jax.jit(
+        lambda params, keys, tokens, mask, lengths: sampler._generate_program(
+            program, params, 0, keys, tokens, mask, knobs.replace(max_new_tokens=lengths)
+        )
+    )
     return lambda *rows: jitted(params, *rows)
-
-
-_KV_WIDTHS = slots.kv_widths
 
 
 def _timed(fn, *args):
@@ -117,13 +105,11 @@ def run(workload, rounds: int) -> list[dict]:
         np.tile(mask, (WINDOW_STEPS, 1)), np.concatenate(lengths),
     )  # fmt: skip
     lockstep = _decoder(graphdef, params, workload, 0)
-    lockstep_full = _decoder(graphdef, params, workload, 0, full_width=True)
     step_slots = _decoder(graphdef, params, workload, STEP_SLOTS)
     window_slots = _decoder(graphdef, params, workload, WINDOW_SLOTS)
     embedded = _embedded_runners()
     step = (keys[0], tokens, mask, lengths[0])
-    for fn, args in ((lockstep, step), (lockstep_full, step), (step_slots, step),
-                     (window_slots, window)):  # fmt: skip
+    for fn, args in ((lockstep, step), (step_slots, step), (window_slots, window)):
         rollout, _ = fn(*args)  # compile; every row ends at its drawn length
         np.testing.assert_array_equal(rollout.response_length, args[3])
     for fn in embedded.values():
@@ -132,7 +118,6 @@ def run(workload, rounds: int) -> list[dict]:
     for r in range(rounds):
         load = os.getloadavg()[0]
         t_lock, (_, lock_steps) = _timed(lockstep, *step)
-        t_full, _ = _timed(lockstep_full, *step)
         t_slots, (_, slot_steps) = _timed(step_slots, *step)
         t_window_lock = 0.0
         for k in range(WINDOW_STEPS):
@@ -145,10 +130,8 @@ def run(workload, rounds: int) -> list[dict]:
         records.append({
             "round": r,
             "lockstep_s": round(t_lock, 3),
-            "lockstep_full_s": round(t_full, 3),
             "slots_s": round(t_slots, 3),
             "speedup": round(t_lock / t_slots, 2),
-            "speedup_vs_full": round(t_full / t_slots, 2),
             "window_lockstep_s": round(t_window_lock, 2),
             "window_slots_s": round(t_window, 2),
             "window_speedup": round(t_window_lock / t_window, 2),

@@ -20,22 +20,29 @@ The alternative, a chunked prefill that feeds prompt tokens through the decode s
 hold a slot for P more steps per row and pad every decode step to the chunk; a prompt of one
 row is a [P, d] forward that costs about one decode step of the slots.
 
-Decode attention reads only the filled part of the cache: the cache is held in chunks along
-its length (`kv_widths`, each chunk its own buffer), and a step reads the chunks up to the
-furthest live slot (`Decoder.decode_rows`), not the whole static P + N. Reading a prefix of
+Decode attention reads only the filled part of the cache: the cache is held in groups of
+`GROUP_SLOTS` slots and in chunks along its length (`kv_widths`), each group's chunk its own
+buffer, and a step reads each group's chunks up to that group's furthest live slot
+(`decode_rows`), not the whole static P + N. Reading a prefix of
 one buffer instead would copy it first on XLA:CPU, which cost more than it saved
-(BENCHMARKS.md, "Slot decoding").
+(BENCHMARKS.md, "Slot decoding"). The lock-step decode (one slot per row) keeps its cache in
+one chunk and reads all of it, as before slots: on XLA:CPU each chunk a step may read keeps its
+own float32 copy of the chunk, 1.9 GiB per device more for Qwen2.5-1.5B at the paper's step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rl_jax.models.decoder import KVCache, chunked_cache
+from rl_jax.models.attention import attend_cache_chunks
+from rl_jax.models.config import ModelConfig
+from rl_jax.models.decoder import KVCache
 from rl_jax.sampling import draw
 
 OUTPUTS = ("tokens", "mask", "sampled_logp", "untruncated_logp")
+GROUP_SLOTS = 8  # slots per cache group: each group reads up to its own furthest live slot
 
 
 def kv_widths(total: int) -> tuple[int, ...]:
@@ -61,8 +68,104 @@ def _shared(x, loop_axes, reduce=jax.lax.psum):
     return x
 
 
+def chunked_cache(config: ModelConfig, batch: int, sizes, dtype=None) -> KVCache:
+    """Zero KV cache for `decode_rows`: per layer, a tuple of chunks of the cache length
+    `sizes` (keys `[batch, kv_heads, head_dim, size]`, values `[batch, kv_heads, size, d]`)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    heads, dim = config.num_kv_heads, config.head_dim
+    keys = tuple(jnp.zeros((batch, heads, dim, n), dtype) for n in sizes)
+    values = tuple(jnp.zeros((batch, heads, n, dim), dtype) for n in sizes)
+    return KVCache((keys,) * config.num_layers, (values,) * config.num_layers)
+
+
+def _write_rows(chunk, new, axis, at):
+    """`chunk` (of a `chunked_cache`) with row b's `new[b]` written at `at[b]` along `axis`
+    where 0 <= at[b] < the chunk's length. With one scalar `at` for all rows this is a
+    dynamic_update_slice, not a scatter (XLA:CPU computes a bfloat16 scatter in float32,
+    converting the whole chunk both ways)."""
+    inside = (at >= 0) & (at < chunk.shape[axis])
+    new = new.astype(chunk.dtype)
+    if jnp.ndim(at) == 0:
+        start = [jnp.int32(0)] * chunk.ndim
+        start[axis] = jnp.clip(at, 0, chunk.shape[axis] - 1)
+        new = jnp.expand_dims(new, axis)
+        old = jax.lax.dynamic_slice(chunk, start, new.shape)
+        return jax.lax.dynamic_update_slice(chunk, jnp.where(inside, new, old), start)
+    batch = chunk.shape[0]
+    target = jnp.where(inside, jnp.arange(batch), batch)  # else dropped
+    index = (target, slice(None), slice(None), jnp.clip(at, 0, chunk.shape[axis] - 1))
+    if axis == 2:
+        index = (target, slice(None), index[3], slice(None))
+    return chunk.at[index].set(new, mode="drop")
+
+
+def decode_rows(model, tokens, positions, caches, cache_index, first_slot, chunks_read,
+                layers=None):  # fmt: skip
+    """One decode step of `model` (a `Decoder`, its layers unrolled as in `Decoder.decode`): one
+    token per row, each row at its own cache slot, against a cache in groups of rows and chunks.
+
+    `caches`: G `KVCache`s of `chunked_cache`, group g holding rows g * B/G .. (g + 1) * B/G - 1,
+    each its own buffers, per layer a tuple of chunks along the cache length. tokens, positions,
+    first_slot: `[B]` int32; cache_index: `[B]` int32, or a scalar (every row at one slot: the
+    lock-step decode). Row b writes its k/v at slot `cache_index[b]` and attends to slots
+    `first_slot[b] <= j <= cache_index[b]` (left padding before `first_slot`, nothing written
+    yet after `cache_index`). Group g's attention reads only its first `chunks_read[g]` chunks
+    (`[G]`, traced, >= 1; they must hold its rows' slots): the branches of a `lax.switch` read
+    1, 2, ... chunks, each chunk its own buffer, so a decode step reads the filled part of each
+    group's cache without copying it. Returns (logits `[B, vocab]`, caches).
+    """
+    batch, groups = tokens.shape[0], len(caches)
+    size = batch // groups
+    dtype = model.config.dtype
+    sizes = [v.shape[2] for v in caches[0].v[0]]
+    starts = np.cumsum([0, *sizes])
+    x = model.embed_tokens(tokens[:, None])
+    last = jnp.broadcast_to(cache_index, (batch,))
+    at = lambda g: cache_index if jnp.ndim(cache_index) == 0 else cache_index[g * size :][:size]
+
+    def attend_first(count, g):
+        first, end = first_slot[g * size :][:size], last[g * size :][:size]
+
+        def attend(q, k_chunks, v_chunks):
+            slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
+            allowed = (slot >= first[:, None]) & (slot <= end[:, None])
+            k_t = [k.astype(dtype) for k in k_chunks[:count]]
+            v = [v.astype(dtype) for v in v_chunks[:count]]
+            return attend_cache_chunks(q, k_t, v, allowed[:, None])
+
+        return attend
+
+    branches = [[attend_first(n, g) for n in range(1, len(sizes) + 1)] for g in range(groups)]
+    written = [([], []) for _ in range(groups)]
+    for i, block in enumerate(layers or model.unstacked_layers()):
+        q, k, new_v = block.qkv(x, positions[:, None])
+        k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
+        attn = []
+        for g, cache in enumerate(caches):
+            rows = slice(g * size, (g + 1) * size)
+            k_chunks = tuple(
+                _write_rows(c, k_new[rows], 3, at(g) - a)
+                for c, a in zip(cache.k[i], starts[:-1], strict=True)
+            )
+            v_chunks = tuple(
+                _write_rows(c, v_new[rows], 2, at(g) - a)
+                for c, a in zip(cache.v[i], starts[:-1], strict=True)
+            )
+            if len(sizes) == 1:
+                attn.append(branches[g][0](q[rows], k_chunks, v_chunks))
+            else:
+                attn.append(
+                    jax.lax.switch(chunks_read[g] - 1, branches[g], q[rows], k_chunks, v_chunks)
+                )
+            written[g][0].append(k_chunks)
+            written[g][1].append(v_chunks)
+        x = block.finish(x, jnp.concatenate(attn, axis=0))
+    caches = tuple(KVCache(tuple(k), tuple(v)) for k, v in written)
+    return model.logits_of(model.final_norm(x))[:, 0], caches
+
+
 def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, width,
-           top_k_width, nucleus, loop_axes=()):  # fmt: skip
+           top_k_width, nucleus, loop_axes=(), rows=None):  # fmt: skip
     """Decodes the queue `prompt_tokens`, `prompt_mask` `[Q, P]` (left-padded), `keys` `[Q]`.
 
     `knobs` (`sampler._Knobs`): the traced sampling settings; `knobs.max_new_tokens` is the cap
@@ -73,17 +176,32 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
     slot-steps were computed, plus one draw per refill). `slots`: S, static; 0 or >= Q: one
     slot per row. `loop_axes`: the named vmapped axes the call is inside; they share one loop
     (a per-batch condition would make vmap select between old and new carries, copying the KV
-    cache every step).
+    cache every step). `rows`: the sharding of the rows (lock-step over a mesh without
+    `shard_map`), which the KV cache follows.
     """
     prompt_tokens, prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
     queue, prompt_width = prompt_tokens.shape
     num_slots = min(slots or queue, queue)
-    ends = kv_widths(prompt_width + width)  # the cache in chunks [0, ends[0]), [ends[0], ...
+    # Slots in groups of GROUP_SLOTS, each group's cache its own buffers (`decode_rows`).
+    group = GROUP_SLOTS if num_slots < queue and num_slots % GROUP_SLOTS == 0 else num_slots
+    # The cache in chunks [0, ends[0]), [ends[0], ends[1]), ...; lock-step in one (module doc).
+    ends = kv_widths(prompt_width + width) if num_slots < queue else (prompt_width + width,)
     sizes = [b - a for a, b in zip((0, *ends), ends, strict=False)]
 
-    def store(cache, prefilled, slot, fill):
-        """`cache` (in chunks) with the prompt slots 0 .. P-1 of `prefilled` (a plain `[n, ...]`
-        cache) written at rows slot .. slot + n - 1 where `fill`."""
+    def store(caches, prefilled, slot, fill):
+        """`caches` (in groups and chunks) with the prompt slots 0 .. P-1 of `prefilled` (a plain
+        `[n, ...]` cache) written at slots slot .. slot + n - 1 where `fill`: all slots (the first
+        prefill, slot 0) or one."""
+        if prefilled.v[0].shape[0] == num_slots:
+            part = lambda g: jax.tree.map(lambda x: x[g * group : (g + 1) * group], prefilled)
+            return tuple(store_one(c, part(g), 0, fill) for g, c in enumerate(caches))
+        return tuple(
+            store_one(c, prefilled, jnp.clip(slot - g * group, 0, group - 1),
+                      fill & (slot // group == g))
+            for g, c in enumerate(caches)
+        )  # fmt: skip
+
+    def store_one(cache, prefilled, slot, fill):
 
         def put(chunk, part):
             start = (slot,) + (0,) * (chunk.ndim - 1)
@@ -171,10 +289,13 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         """One decode step of every slot, then the refills."""
         row, t, live = carry["row"], carry["t"], carry["live"]
         index = prompt_width + t - 1  # the cache slot of the token being decoded
-        filled = jnp.max(jnp.where(live, index + 1, 1))
-        chunks_read = _shared(jnp.sum(jnp.asarray(ends) < filled) + 1, loop_axes, jax.lax.pmax)
-        logits, cache = model.decode_rows(
-            carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
+        filled = jnp.where(live, index + 1, 1).reshape(-1, group).max(axis=1)  # per group
+        if num_slots == queue:  # lock-step: the live rows share one slot (ended rows write
+            index = filled[0] - 1  # there too, into a region no row reads again)
+        chunks_read = jnp.sum(jnp.asarray(ends)[None] < filled[:, None], axis=1) + 1
+        chunks_read = _shared(chunks_read, loop_axes, jax.lax.pmax)
+        logits, cache = decode_rows(
+            model, carry["token"], prompt_length[row] + t - 1, carry["cache"], index,
             prompt_width - prompt_length[row], chunks_read, layers,
         )  # fmt: skip
         carry = {**carry, "cache": cache, "steps": carry["steps"] + jnp.any(live)}
@@ -188,9 +309,16 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
         prompt_tokens[first], positions[first], model.init_cache(num_slots, prompt_width),
         jnp.int32(0), prompt_mask[first], layers, last_only=True,
     )  # fmt: skip
-    cache = chunked_cache(model.config, num_slots, sizes)
+    place = lambda tree: (  # the cache and the outputs are placed like the rows
+        tree
+        if rows is None
+        else jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows), tree)
+    )
+    cache = place(
+        tuple(chunked_cache(model.config, group, sizes) for _ in range(num_slots // group))
+    )
     cache = store(cache, prefilled, jnp.int32(0), jnp.bool_(True))
-    columns = lambda fill, dtype: jnp.full((queue, width), fill, dtype)
+    columns = lambda fill, dtype: place(jnp.full((queue, width), fill, dtype))
     carry = {
         "cache": cache,
         "row": jnp.arange(num_slots, dtype=jnp.int32),
@@ -205,8 +333,8 @@ def decode(model, layers, keys, prompt_tokens, prompt_mask, knobs, *, slots, wid
             "mask": columns(0, jnp.float32),
             "sampled_logp": columns(0, jnp.float32),
             "untruncated_logp": columns(0, jnp.float32),
-            "ended": jnp.zeros(queue, bool),
+            "ended": place(jnp.zeros(queue, bool)),
         },
     }
     carry = jax.lax.while_loop(more, step, refill(emit_slots(carry, logits[:, -1])))
-    return {**carry["out"], "decode_steps": carry["steps"]}
+    return {**place(carry["out"]), "decode_steps": carry["steps"]}

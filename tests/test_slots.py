@@ -92,6 +92,26 @@ def test_rows_that_end_early_eos_first_and_stop_sequences(run):
         assert_same_rows(run(dataclasses.replace(config, decode_slots=num_slots)), lockstep)
 
 
+def test_slots_in_cache_groups(policy, prompts, run, monkeypatch):
+    """6 slots in 3 cache groups of 2 (each group reads up to its own furthest live slot), rows
+    ending at EOS and at the cap: each row still gives its lock-step tokens."""
+    free = np.asarray(run(PLAIN).response_tokens)
+    config = dataclasses.replace(PLAIN, eos_id=int(free[7, 0]))
+    lockstep = run(config)
+    assert np.any(lockstep.truncated) and not np.all(lockstep.truncated)
+    monkeypatch.setattr(slots, "GROUP_SLOTS", 2)  # read while tracing the program below
+    graphdef, params = policy
+    bucket = ((0, 0), (32 - prompts[0].shape[1], 0))  # `generate` pads prompts to 32
+    tokens, mask = (np.pad(np.repeat(x, GROUP, axis=0), bucket) for x in prompts)
+    keys = sampler.row_keys(jax.random.key(0), tokens.shape[0])[1]
+    grouped, _ = jax.jit(
+        lambda keys: sampler.generate_rows(
+            graphdef, params, 0, keys, tokens, mask, dataclasses.replace(config, decode_slots=6)
+        )
+    )(keys)
+    assert_same_rows(grouped, lockstep)
+
+
 def test_a_window_of_steps_through_the_slots(policy, prompts):
     """The rows of 3 steps stacked into one queue (as `rl_jax.step` does for a sync window),
     each row keeping its step's key: each step's rows equal that step's own lock-step call."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rl_jax.models.attention import apply_rope, attend_cache, attend_cache_chunks, rope_inv_freq
+from rl_jax.models.attention import apply_rope, attend_cache, rope_inv_freq
 from rl_jax.models.config import ModelConfig
 from rl_jax.models.memory import REMAT_POLICIES, MemoryOptions
 
@@ -152,7 +152,7 @@ class Decoder(nnx.Module):
                 _INIT_STD * jax.random.normal(rngs.params(), shape[::-1], pdtype)
             )
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
 
     def output_head(self) -> tuple[jax.Array, str]:
@@ -161,7 +161,7 @@ class Decoder(nnx.Module):
             return self.embed[...], "vd"
         return self.lm_head[...], "dv"
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits_of(self, x: jax.Array) -> jax.Array:
         """float32 logits of final-normed hidden states `x` `[batch, seq, d]`."""
         head, layout = self.output_head()
         spec = "btd,vd->btv" if layout == "vd" else "btd,dv->btv"
@@ -177,7 +177,7 @@ class Decoder(nnx.Module):
         visible to query i iff j <= i and mask[j] = 1. Left padding leaves the logits of real
         tokens unchanged; padded rows are finite but meaningless.
         """
-        return self._logits(self.hidden_states(tokens, positions, attention_mask))
+        return self.logits_of(self.hidden_states(tokens, positions, attention_mask))
 
     def hidden_states(
         self, tokens, positions=None, attention_mask=None, memory: MemoryOptions = MemoryOptions(),
@@ -214,7 +214,7 @@ class Decoder(nnx.Module):
         policy = REMAT_POLICIES[memory.remat]
         if memory.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        x = self._embed(tokens)
+        x = self.embed_tokens(tokens)
         if memory.scans(self.config.num_layers):
             x, _ = jax.lax.scan(layer, x, layer_params)
         else:
@@ -260,7 +260,7 @@ class Decoder(nnx.Module):
         allowed = allowed[:, :, :kv_len]
         dtype = self.config.dtype
         zero = jnp.int32(0)
-        x = self._embed(tokens)
+        x = self.embed_tokens(tokens)
         keys, values = [], []
         for block, k_t, v in zip(layers or self.unstacked_layers(), cache.k, cache.v, strict=True):
             q, k, new_v = block.qkv(x, positions)
@@ -276,72 +276,7 @@ class Decoder(nnx.Module):
             values.append(v)
         if last_only:
             x = x[:, -1:]
-        return self._logits(self.final_norm(x)), KVCache(tuple(keys), tuple(values))
-
-    def decode_rows(
-        self, tokens, positions, cache: KVCache, cache_index, first_slot, chunks_read,
-        layers=None,
-    ):  # fmt: skip
-        """One token per row, each row at its own cache slot, against a cache in chunks.
-
-        `cache`: a `KVCache` whose per-layer entries are tuples of chunks along the cache
-        length (`chunked_cache`). tokens, positions, cache_index, first_slot: `[batch]` int32.
-        Row b writes its k/v at slot `cache_index[b]` and attends to slots
-        `first_slot[b] <= j <= cache_index[b]` (left padding before `first_slot`, nothing
-        written yet after `cache_index`). Attention reads only the first `chunks_read`
-        chunks (traced, >= 1; they must hold slot `max(cache_index)`): the branches of a
-        `lax.switch` read 1, 2, ... chunks, each chunk its own buffer, so a decode step reads
-        the filled part of the cache without copying it. Returns (logits `[batch, vocab]`,
-        cache).
-        """
-        batch = tokens.shape[0]
-        rows = jnp.arange(batch)
-        dtype = self.config.dtype
-        sizes = [v.shape[2] for v in cache.v[0]]
-        starts = np.cumsum([0, *sizes])
-        x = self._embed(tokens[:, None])
-
-        def attend_first(count):
-            def attend(q, k_chunks, v_chunks):
-                slot = jnp.arange(starts[count], dtype=jnp.int32)[None]
-                allowed = (slot >= first_slot[:, None]) & (slot <= cache_index[:, None])
-                k_t = [k.astype(dtype) for k in k_chunks[:count]]
-                v = [v.astype(dtype) for v in v_chunks[:count]]
-                return attend_cache_chunks(q, k_t, v, allowed[:, None])
-
-            return attend
-
-        branches = [attend_first(n) for n in range(1, len(sizes) + 1)]
-        keys, values = [], []
-        for block, k_chunks, v_chunks in zip(
-            layers or self.unstacked_layers(), cache.k, cache.v, strict=True
-        ):
-            q, k, new_v = block.qkv(x, positions[:, None])
-            k_new, v_new = k[:, 0], new_v[:, 0]  # [batch, kv_heads, head_dim]
-            k_chunks, v_chunks = list(k_chunks), list(v_chunks)
-            for c, (start, size) in enumerate(zip(starts, sizes, strict=False)):
-                local = cache_index - start
-                target = jnp.where((local >= 0) & (local < size), rows, batch)  # else dropped
-                at = jnp.clip(local, 0, size - 1)
-                k_chunks[c] = (
-                    k_chunks[c]
-                    .at[target, :, :, at]
-                    .set(k_new.astype(k_chunks[c].dtype), mode="drop")
-                )
-                v_chunks[c] = (
-                    v_chunks[c]
-                    .at[target, :, at, :]
-                    .set(v_new.astype(v_chunks[c].dtype), mode="drop")
-                )
-            k_chunks, v_chunks = tuple(k_chunks), tuple(v_chunks)
-            if len(branches) == 1:
-                attn = branches[0](q, k_chunks, v_chunks)
-            else:
-                attn = jax.lax.switch(chunks_read - 1, branches, q, k_chunks, v_chunks)
-            x = block.finish(x, attn)
-            keys.append(k_chunks)
-            values.append(v_chunks)
-        return self._logits(self.final_norm(x))[:, 0], KVCache(tuple(keys), tuple(values))
+        return self.logits_of(self.final_norm(x)), KVCache(tuple(keys), tuple(values))
 
 
 def init_model(config: ModelConfig, seed) -> Decoder:
@@ -392,16 +327,6 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     keys = tuple(jnp.zeros((batch, heads, dim, max_len), dtype) for _ in range(layers))
     values = tuple(jnp.zeros((batch, heads, max_len, dim), dtype) for _ in range(layers))
     return KVCache(keys, values)
-
-
-def chunked_cache(config: ModelConfig, batch: int, sizes, dtype=None) -> KVCache:
-    """Zero KV cache for `Decoder.decode_rows`: per layer, a tuple of chunks of the cache length
-    `sizes` (keys `[batch, kv_heads, head_dim, size]`, values `[batch, kv_heads, size, d]`)."""
-    dtype = jnp.dtype(dtype or config.dtype)
-    heads, dim = config.num_kv_heads, config.head_dim
-    keys = tuple(jnp.zeros((batch, heads, dim, n), dtype) for n in sizes)
-    values = tuple(jnp.zeros((batch, heads, n, dim), dtype) for n in sizes)
-    return KVCache((keys,) * config.num_layers, (values,) * config.num_layers)
 
 
 def forward(graphdef, params, tokens, positions=None, attention_mask=None) -> jax.Array:
