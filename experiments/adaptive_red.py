@@ -27,7 +27,7 @@ Output: `<out>/<algorithm>/seed_<s>/`, `<out>/adaptive_red.png` (the seed figure
 Time (committed results, 2026-12-04, a shared 2-core Intel Xeon VM at load 8-15 from other
 jobs): 5370 s for 4 algorithms x 5 seeds x 400 steps, in three invocations that resume each
 other's checkpoints: `--steps 400` stopped by hand after the adaptive runs' step 200 (976 s),
-`--steps 200` for the other three (2243 s; results/adaptive_red/summary_200_steps.md), then
+`--steps 200` for the other three (2243 s; `git show a4c8d3c:experiments/results/adaptive_red/summary_200_steps.md`), then
 `python -m experiments.adaptive_red --steps 400` extended all four (2151 s). About 9 min per
 algorithm per 200 steps on that machine when its load is lower.
 Result (experiments/results/adaptive_red/summary.md; held-out 0.173 at step 0): adaptive

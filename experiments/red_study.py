@@ -3,8 +3,8 @@
 The RED variants shape the data rather than clip the update: RED-Drop drops surplus negative
 responses of each group so positives and negatives balance; RED-Weight scales each response's
 term by exp(A / temp), weighting the best responses of a group up; adaptive RED-Weight
-(`red-weight-adaptive`, added 2026-12-04 after the committed results below, which do not have
-it; `--algorithms grpo,red-drop,red-weight` reruns them) chooses temp each step by bisection
+(`red-weight-adaptive`; the committed results below predate it, and
+`--algorithms grpo,red-drop,red-weight` reruns them) chooses temp each step by bisection
 (`experiments/adaptive_red.py` compares it at interval 20 with paired intervals). No preset clips
 (DESIGN.md §3); `algorithm_overrides.clip=one-side` on the command line adds REC's one-sided
 clipping to every algorithm of the study. The paper reports both as competitive with or better
@@ -21,15 +21,14 @@ mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=valu
 overrides (as `rl_jax.train`).
 
 Time: 8 runs (6 before the adaptive preset); those 6 with 3 seeds at 200 steps (the committed
-results in experiments/results/red_study/) took 10.5 minutes on this 2-core CPU (630 s, 2026-12-03, a fourth host, nearly idle, two CPU devices),
-about twice that at the default 400 steps.
+results in experiments/results/red_study/) took 10.5 minutes on a nearly idle 2-core CPU (630 s,
+two CPU devices), about twice that at the default 400 steps.
 Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): every algorithm at both sync
 settings ends at held-out 0.83-0.85 (+- 0.09-0.11) from 0.20, with KL 0.081-0.089; at sync
 interval 20 RED-Drop and RED-Weight are a little faster early (held-out 0.53 and 0.56 against
 0.45 for GRPO at step 40, 0.68 and 0.67 against 0.60 at step 60, the bands overlapping) and the
-same at the end. RED-Drop without clipping
-stays stable at this learning rate (with lr 1e-4, before 2026-12-02, one seed of it collapsed
-after step 60 at interval 20).
+same at the end. RED-Drop without clipping stays stable at this learning rate (at lr 1e-4 one
+seed of it collapsed after step 60 at interval 20).
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/red_study.png` (one column per sync setting:
 training reward on top, held-out reward below) and `<out>/summary.md` (also printed).
 """

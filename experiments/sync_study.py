@@ -18,8 +18,7 @@ mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=valu
 overrides (as `rl_jax.train`).
 
 Time: the committed results (experiments/results/sync_study/: all 24 runs, 3 seeds, 200 steps)
-took 37 minutes on this 2-core CPU (2245 s, 2026-12-03, a fourth host, nearly idle, two CPU
-devices): ~0.45 s per 3-seed step, so about 75 minutes at the default 400 steps.
+took 37 minutes on a nearly idle 2-core CPU (2245 s, two CPU devices): ~0.45 s per 3-seed step, so about 75 minutes at the default 400 steps.
 Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.85 held-out);
 at offset 10 each REINFORCE seed ends below its own peak (0.78 +- 0.10 at step 200) while GRPO =
 REC-OneSide-NoIS (~0.85), the intervals overlapping; the (0.6, 2.0) range is fastest

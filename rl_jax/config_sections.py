@@ -128,10 +128,9 @@ class SamplerConfig:
     max_response_len: new-token cap (None: the task's own, e.g. 25 for arithmetic).
     window_cap_gib: KV-cache GiB per device one generate call may use: the sampler generates
       the batches of up to sync_interval steps (same policy version) in one call within it;
-      0 (the default) generates step by step. On this project's 2-core CPU a window is not
-      reliably faster: a 20x larger decode batch does only 1.4x the rows per second, and
-      windows measured 0.85-1.5x in sampling between runs (BENCHMARKS.md, "Sync throughput on
-      the fourth host").
+      0 (the default) generates step by step. On a 2-core CPU a window is not reliably faster
+      (a 20x larger decode batch does only 1.4x the rows per second; BENCHMARKS.md, "Sync
+      throughput").
     decode_slots: rows the sampler decodes at a time, summed over devices (which it must
       divide); a row that ends frees its slot for the next row of the step or the window
       (`rl_jax.slots`). 0 (the default): all rows at once until the longest is done

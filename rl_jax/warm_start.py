@@ -12,10 +12,10 @@ Phase 1 teaches all three skills (mostly chains); phase 2 tilts the choice towar
 (mixture 0.2 chain, 0.1 direct, 0.7 ramble), so the base policy's held-out reward is low (~0.2)
 while correct chains remain one re-weighting away. Most base responses are long, capped and
 unrewarded, as in real RL on reasoning tasks, so RL shortens responses while it raises the
-reward (measured 2026-12-02, seed 0: held-out reward 0.20, 69% rambles at the 25-token cap,
-19% chains at 0.88 accuracy, 12% direct answers; mean length 20.9 tokens). Until 2026-12-02 phase
-2 was (0.2, 0.4, 0.4): the short wrong direct answers then dominated the bad behaviours and RL
-made responses longer instead. Loss: token-mean cross-entropy on response tokens (EOS included).
+reward (seed 0: held-out reward 0.20, 69% rambles at the 25-token cap, 19% chains at 0.88
+accuracy, 12% direct answers; mean length 20.9 tokens). With more short wrong direct answers in
+phase 2, those dominate the bad behaviours and RL makes responses longer instead. Loss:
+token-mean cross-entropy on response tokens (EOS included).
 
 Results are cached under `$RL_JAX_CACHE/warm_start/<hash>` (default `~/.cache/rl_jax`), keyed by
 the task, model and warm-start configs and the source of the modules the weights depend on, and
