@@ -204,7 +204,7 @@ def canonical_name(name: str, field: str = "name") -> str:
             if _loose(preset) == _loose(name):
                 return preset
     hint = did_you_mean(name, PRESETS, key=_loose) if isinstance(name, str) else ""
-    raise ValueError(f"{field} must be one of {names()}, got {name!r}{hint}")
+    raise ValueError(f"{field} must be one of {list(names())}, got {name!r}{hint}")
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
