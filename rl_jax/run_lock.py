@@ -23,6 +23,7 @@ import fcntl
 import os
 import pathlib
 import socket
+import time
 
 LOCK_FILE = ".lock"
 
@@ -59,12 +60,18 @@ def _open_locked(path: pathlib.Path, blocking: bool) -> int | None:
         os.close(fd)
 
 
-def _holder(path: pathlib.Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        text = ""
-    return text or "a process that has not written its name yet"
+def _holder(path: pathlib.Path, wait_s: float = 2.0) -> str:
+    """The holder's line. It writes it just after taking the lock, so an empty file is read
+    again for up to `wait_s` seconds before the holder is called unnamed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() >= deadline:
+            return text or "a process that has not written its name yet"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager

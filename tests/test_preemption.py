@@ -5,12 +5,14 @@ The CLI runs in subprocesses (signals, exit statuses). `STOPPER` wraps the CLI t
 at a chosen point (inside sampling, or with a save that a second signal interrupts), so the
 step at which the run stops is deterministic."""
 
+import fcntl
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -178,6 +180,25 @@ def test_a_second_run_on_a_held_directory_is_refused_before_writing(tmp_path, ca
         holder.wait()
     assert main(_args(out, steps=1)) == 0  # the kernel released the dead holder's lock
     assert not (out / run_lock.LOCK_FILE).exists()
+
+
+def test_a_holder_caught_before_it_writes_its_name_is_still_named(tmp_path):
+    """The holder writes its line just after taking the lock; a refusal in between waits for it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / run_lock.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, b"PID 42 on host, since now\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(
+            run_lock.RunLockedError, match=r"in use by another run \(PID 42 on host"
+        ):
+            with run_lock.hold(out):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
 
 
 @pytest.mark.parametrize("seeds", [(0, 0), (0, 1)], ids=["same-config", "other-seed"])
