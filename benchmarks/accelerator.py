@@ -11,13 +11,17 @@ random model (the `tiny-qwen2` shape; `tiny` with --small), one device:
   `environment` line says `reference: "same device"`. `logits/default_precision`: the device's
   default matmul precision (TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs) against the CPU.
 - `attention/chunked`, `attention/dot_product`: hidden states, loss and gradients against
-  `attention=xla` on the device; on a GPU also `attention/cudnn`: `jax.nn.dot_product_attention(
-  implementation="cudnn")` in bfloat16 against `attend`, and whether rl_jax's `dot_product`
-  path (implementation=None) lowers to cuDNN's fused kernel there.
+  `attention=xla` on the device; on a GPU also `attention/cudnn`: rl_jax's `dot_product` path in
+  bfloat16 (cuDNN's fused attention there) against `attend` in float32, whether its program holds
+  the fused kernel, and whether cuDNN's gradients are finite without rl_jax's guard for rows
+  with nothing to attend to.
 - `bfloat16`: bfloat16 compute (the same float32 parameters) against float32.
+- `attention/dot_product_bf16`: one bfloat16 learner update with attention=dot_product against
+  attention=xla, loss, metrics and gradients.
 Timings (`timing/...`), random weights, the paper's GSM8K step (Qwen2.5-1.5B, rows x (256 +
 1024)) with the memory settings `benchmarks/scale.py` recommends (bfloat16 compute, float32
-master weights, remat=full, attention=chunked, logprob_chunk=128, its micro-batches per row):
+master weights, remat=full, attention=chunked or `--attention`, logprob_chunk=128, its
+micro-batches per row):
 `matmul_peak` (measured, bfloat16); `sampler` and `learner`: compile seconds, seconds per call,
 response tokens/s, MFU = useful FLOPs (`peak.sequence_flops`; the learner's is 3x a forward, so
 its recomputed and reference forwards are not counted) / seconds / the device's published
@@ -62,6 +66,7 @@ try:
     import scale
 
     from rl_jax import models, parallel
+    from rl_jax.models.memory import ATTENTION
 except ModuleNotFoundError as missing:
     print(
         f"error: the package {missing.name!r} is missing: install it (pip install -e . from the "
@@ -166,7 +171,11 @@ def paper_settings(args, rows: int):
     micro = max(1, per_request * rows // args.rows)
     while rows % micro:
         micro -= 1
-    settings = {**scale.RECOMMENDED, "attention_chunk": args.attention_chunk}
+    settings = {
+        **scale.RECOMMENDED,
+        "attention": args.attention,
+        "attention_chunk": args.attention_chunk,
+    }
     if args.small:  # blocks smaller than the tiny shapes, so the chunked paths run
         settings["logprob_chunk"] = 8
     return argparse.Namespace(
@@ -311,6 +320,12 @@ def parse_args(argv):
     parser.add_argument("--rows", type=int, default=768, help="rows of the timed step")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--response-len", type=int, default=1024)
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default=scale.RECOMMENDED["attention"],
+        help="the timed step's attention (default: %(default)s)",
+    )
     parser.add_argument("--attention-chunk", type=int, default=256)
     parser.add_argument(
         "--memory-gib", type=float, help="the device's memory (default: what it reports)"
@@ -398,6 +413,7 @@ def run_checks(args, report: Report, device, cpu) -> None:
         if device.platform == "gpu":
             report.run("attention/cudnn", numerics.check_cudnn, device, config)
         report.run("bfloat16", numerics.check_bfloat16, tiny, device)
+        report.run("attention/dot_product_bf16", numerics.check_dot_product_bfloat16, tiny, device)
     report.run("logits/default_precision", numerics.check_logits, tiny, device, cpu, True)
     measured = report.run("timing/matmul_peak", measure_peak, device, args.small)
     peak_flops = measured["bf16_tflops"] * 1e12 if measured else 1e12

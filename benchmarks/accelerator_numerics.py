@@ -216,9 +216,11 @@ def check_attention(tiny: Tiny, device, attention: str) -> dict:
 
 
 def check_cudnn(device, config) -> dict:
-    """cuDNN's fused attention (bfloat16) against `attend` in float32 on the same inputs,
-    output and input gradients over the rows that attend to something (left padding's rows
-    attend to nothing: `attend` makes them uniform, cuDNN's finite bias may not)."""
+    """rl_jax's `attend_dot_product` in bfloat16 (cuDNN's fused attention on a GPU) against
+    `attend` in float32 on the same inputs: output and input gradients over the rows that
+    attend to something (left padding's rows attend to nothing; their output is never read).
+    Also whether its program holds cuDNN's fused kernel, and whether cuDNN's gradients are
+    finite without rl_jax's guard (a padded row attending to its own position)."""
     rng = np.random.default_rng(3)
     b, t, heads, kv, d = 2, 64, config.num_heads, config.num_kv_heads, config.head_dim
     q, k, v = (
@@ -232,26 +234,46 @@ def check_cudnn(device, config) -> dict:
         out = jnp.where(pad[:, :, None, None], fn(q, k, v).astype(jnp.float32), 0.0)
         return jnp.sum(out * weights)
 
-    ours = lambda q, k, v: jax.nn.dot_product_attention(
+    ours = lambda q, k, v: attend_dot_product(q, k, v, allowed)
+    unguarded = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=allowed[:, None], implementation="cudnn"
     )
     exact = lambda q, k, v: attend(*(x.astype(jnp.float32) for x in (q, k, v)), allowed)
+    grad = lambda fn: jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))
     put = lambda x: jax.device_put(x, device)
     q, k, v = put(q), put(k), put(v)
     out, ref = (np.asarray(jax.jit(f)(q, k, v), np.float32) for f in (ours, exact))
-    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
-    ref_grads = jax.jit(jax.grad(lambda *a: loss(exact, *a), argnums=(0, 1, 2)))(q, k, v)
+    grads, ref_grads = grad(ours)(q, k, v), grad(exact)(q, k, v)
+    raw_grads = grad(unguarded)(q, k, v)
     real = pad[:, :, None, None]
     value = _close(out * real, ref * real, BF16_TOL)
-    grad = _grads_close(
+    grad_close = _grads_close(
         [np.asarray(g, np.float32) for g in grads], [np.asarray(g) for g in ref_grads], BF16_TOL
     )
-    hlo = jax.jit(attend_dot_product).lower(q, k, v, allowed).compile().as_text()
+    hlo = jax.jit(ours).lower(q, k, v).compile().as_text()
+    uses_cudnn = "__cudnn$fmha" in hlo  # the fused kernel
     return {
-        "out_rel_diff": value["rel_diff"], "grad_rel_diff": grad["rel_diff"],
-        "padded_rows_finite": bool(np.isfinite(out).all()),
-        "rl_jax_dot_product_uses_cudnn": "__cudnn$fmha" in hlo,  # the fused kernel
-        "ok": value["ok"] and grad["ok"],
+        "out_rel_diff": value["rel_diff"], "grad_rel_diff": grad_close["rel_diff"],
+        "rl_jax_dot_product_uses_cudnn": uses_cudnn,
+        "unguarded_grads_finite": all(bool(np.isfinite(np.asarray(g, np.float32)).all())
+                                      for g in raw_grads),
+        "ok": value["ok"] and grad_close["ok"] and uses_cudnn,
+    }  # fmt: skip
+
+
+def check_dot_product_bfloat16(tiny: Tiny, device) -> dict:
+    """One bfloat16 learner update with attention=dot_product (cuDNN on a GPU) against
+    attention=xla, both bfloat16 on the device: loss, metrics and gradients."""
+    config = dataclasses.replace(tiny.config, dtype="bfloat16")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.Decoder(config, rngs=nnx.Rngs(0))))
+    metrics, grads = tiny.update(device, tiny.learner(graphdef, attention="dot_product"))
+    ref_metrics, ref_grads = tiny.update(device, tiny.learner(graphdef))
+    values = _metrics_close(metrics, ref_metrics, BF16_TOL)
+    grad = _grads_close(grads, ref_grads, BF16_TOL)
+    return {
+        "loss": metrics["loss"], "ref_loss": ref_metrics["loss"],
+        "metrics_max_diff": values["max_diff"], "grad_rel_diff": grad["rel_diff"],
+        "tolerance": BF16_TOL, "ok": values["ok"] and grad["ok"],
     }  # fmt: skip
 
 

@@ -18,39 +18,23 @@ claim of the paper's figure (GRPO ~ REC-OneSide-NoIS in reward; RED-Weight lowes
 REC-OneSide-NoIS lowest entropy and shortest responses; all three improving) saying whether the
 runs support it, with the paired interval that decides it (`experiments/intervals.py`).
 
-The recipe (docs/DESIGN.md §7, changed 2026-12-02 so that the 400 steps are informative): the
-warm start mostly rambles into the 25-token cap (held-out reward ~0.2), lr 2e-5, 8 prompts x 8.
-Before, with lr 1e-4, 16 prompts and a warm start dominated by short wrong `#S` guesses, GRPO
-reached 0.94 by step 80 and responses grew; now GRPO's mean held-out reward reaches 90% of its
-final gain at step 160 and still rises over steps 200-400, responses shorten as capped rambles
-give way to worked chains, entropy falls and KL to the initial policy rises gradually.
+The recipe (docs/DESIGN.md §7): the warm start mostly rambles into the 25-token cap (held-out
+reward ~0.2), lr 2e-5, 8 prompts x 8. GRPO's held-out reward reaches 90% of its final gain near
+step 160 and still rises over steps 200-400; responses shorten as capped rambles give way to
+worked chains, entropy falls and KL to the initial policy rises gradually.
 
-Time (warm start cached, a nearly idle 2-core AMD EPYC; BENCHMARKS.md, "One device per core"):
-831 s and 888 s on 2026-12-03 (a Zen 4 host, one XLA:CPU device per core, 241-316 s per
-algorithm); 899-1857 s on earlier hosts with one device and older code, the same code's time
-moving by up to 1.65x with the host's speed. On that Zen 4 host the runs started at 0.177 and
-ended at 0.902 / 0.895 / 0.889 with the verdicts of the first host below
-(results/seed_figure/summary_fourth_host.md).
-Expected (5 seeds, first host, code before commit a11dde4;
-experiments/results/seed_figure/summary.md): held-out
-reward 0.175 at step 0; at steps 100 / 200 / 400 GRPO 0.731 / 0.839 / 0.878, REC-OneSide-NoIS
-0.739 / 0.844 / 0.877, RED-Weight 0.759 / 0.812 / 0.873 (+- 0.02-0.04); response length 20.9 ->
-16.4 tokens, entropy 0.62 -> 0.07 nats/token (RED-Weight 0.08), KL (k2) 0 -> 0.09 for all three.
-The intervals support GRPO ~ REC-OneSide-NoIS (training-reward difference over the last 50 steps
-0.002 +- 0.003) and all three improving in both halves; they do not support RED-Weight having
-the lowest KL (all 0.092), REC-OneSide-NoIS the lowest entropy (equal to GRPO's; both below
-RED-Weight's) or the shortest responses (differences to GRPO and RED-Weight 0.011 +- 0.024 and
--0.025 +- 0.025 tokens).
-Reruns on one host are bit-identical; across hosts, and across commit a11dde4 (which changed the
-gradients' rounding), they are not. On the second host: before a11dde4 the runs started at 0.186
-and ended at 0.938 / 0.931 / 0.920, "improving in both halves" not supported (second-half
-intervals held 0); at a11dde4 (1857 s; its summary is in git, commit 6016bf5) they started
-at 0.178 and ended at 0.883 / 0.880 / 0.867, with "improving in both halves" supported and
-"RED-Weight lowest KL" supported by a tie-sized 0.001 +- 0.001; the other verdicts never changed.
-The third host trained the same warm start (0.178) and, at 6016bf5, ended at 0.881 / 0.880 / 0.867
-with the same verdicts. With the RoPE change after it (cc3f1ec; 1487 s) the warm start moved
-too (0.184) and the runs ended at 0.912 / 0.914 / 0.905, "improving in both halves" and
-"RED-Weight lowest KL" not supported (results/seed_figure/summary_third_host.md).
+Time: about 20 minutes on a 2-core x86 host with the warm start cached (6-7 minutes per
+algorithm: 360-395 s of training, the rest evaluation and compilation).
+Expected (5 seeds; experiments/results/seed_figure/summary.md): held-out reward 0.186 at step 0;
+at steps 100 / 200 / 400 GRPO 0.773 / 0.872 / 0.914, REC-OneSide-NoIS 0.781 / 0.873 / 0.911,
+RED-Weight 0.803 / 0.869 / 0.908 (+- 0.02-0.03); response length ~21 -> 16.4 tokens, entropy
+0.62 -> 0.06 nats/token (RED-Weight 0.07), KL (k2) 0 -> 0.09 for all three. The intervals
+support GRPO ~ REC-OneSide-NoIS (training-reward difference over the last 50 steps 0.001 +-
+0.003) and all three improving in both halves; they do not support RED-Weight having the lowest
+KL (-0.000 +- 0.001 against GRPO), REC-OneSide-NoIS the lowest entropy (equal to GRPO's, both
+below RED-Weight's) or the shortest responses. Reruns on one host are bit-identical; another
+CPU host rounds differently (its warm start too), so its digits differ; BENCHMARKS.md keeps
+every host's run and which verdicts moved.
 Output: `<out>/<algorithm>/seed_<s>/` (metrics.jsonl, tensorboard/, checkpoints/; `<out>/
 <algorithm>/` itself for one seed), `<out>/seed_figure.png` (2x2: training reward with held-out
 eval, KL, entropy, response length; one line per algorithm, raw per-step means faint, moving

@@ -15,7 +15,8 @@ SCRIPT = ROOT / "benchmarks" / "accelerator.py"
 ABSENT = ("math_verify", "sympy", "tensorboardX", "tensorflow_datasets", "torch")
 CHECKS = {
     "environment", "logits", "sampler/greedy", "sampler/sampled", "learner",
-    "attention/chunked", "attention/dot_product", "bfloat16", "logits/default_precision",
+    "attention/chunked", "attention/dot_product", "bfloat16", "attention/dot_product_bf16",
+    "logits/default_precision",
     "timing/matmul_peak", "timing/setup", "timing/sampler", "timing/learner", "summary",
 }  # fmt: skip
 

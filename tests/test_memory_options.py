@@ -11,7 +11,12 @@ from flax import nnx
 from rl_jax import algorithms, config, logprobs, losses, models
 from rl_jax.learner import Learner
 from rl_jax.models import MemoryOptions
-from rl_jax.models.attention import attend, attend_chunked, attend_dot_product
+from rl_jax.models.attention import (
+    attend,
+    attend_chunked,
+    attend_dot_product,
+    with_own_position,
+)
 from rl_jax.models.memory import LOOP_MAX_LAYERS
 from rl_jax.optimizer import float32_moments, state_shardings
 from tests.test_learner import VOCAB, G, make_batch, response_logits
@@ -93,6 +98,21 @@ def test_attention_variants_equal_xla():
         grads = jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a))), (0, 1, 2))(q, k, v)
         for g, want_g in zip(grads, want_grads, strict=True):
             _close(g, want_g, name)
+
+
+def test_rows_with_nothing_to_attend_to_attend_to_themselves_on_the_cudnn_path():
+    """cuDNN's backward is NaN for an all-masked query row, so its mask gets the row's own
+    position; rows with something to attend to keep theirs (square and cache-shaped masks)."""
+    for q_len, kv_len in ((6, 6), (2, 6)):
+        pad = np.arange(kv_len)[None] >= np.array([[0], [5]])  # row 1: 5 padded positions
+        causal = np.arange(q_len)[:, None] + (kv_len - q_len) >= np.arange(kv_len)[None]
+        allowed = causal[None] & pad[:, None, :]
+        guarded = np.asarray(with_own_position(jnp.asarray(allowed)))
+        empty = ~allowed.any(-1)
+        np.testing.assert_array_equal(guarded[~empty], allowed[~empty])
+        for b, i in zip(*np.nonzero(empty), strict=True):
+            assert list(np.nonzero(guarded[b, i])[0]) == [i + kv_len - q_len]
+    assert empty.sum() == 1  # the cache-shaped case has one empty row (batch 1, query 0)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ head h // (heads / kv_heads)) and a boolean `allowed` `[batch, q_len, kv_len]`:
   * `attend`: the formula as written; scores and softmax in float32.
   * `attend_chunked`: the same over blocks of query rows, each block under `jax.checkpoint`
     (every row's softmax is independent, so only one block's scores live in the backward pass).
-  * `attend_dot_product`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it
-    applies, XLA elsewhere).
+  * `attend_dot_product`: `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU in
+    bfloat16/float16, XLA elsewhere).
   * `attend_cache`: the formula against one layer of a `decoder.KVCache`, whose keys are stored transposed
     (k^T `[batch, kv_heads, d, kv_len]`), so q k^T is a plain matrix product.
 
@@ -113,10 +113,43 @@ def attend_chunked(q, k, v, allowed, chunk: int) -> jax.Array:
 
 
 def attend_dot_product(q, k, v, allowed) -> jax.Array:
-    """`attend` by `jax.nn.dot_product_attention` (implementation=None: cuDNN's fused flash
-    attention on GPU where it applies, which keeps no `[heads, q_len, kv_len]` probabilities for
-    the backward pass; XLA elsewhere). Same shapes and grouped KV heads as `attend`."""
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
+    """`attend` by `jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU with
+    bfloat16 or float16 operands (`cudnn_applies`), which keeps no `[heads, q_len, kv_len]`
+    probabilities for the backward pass; XLA elsewhere (jax's `implementation=None` picks XLA,
+    so cuDNN is asked for by name). Same shapes and grouped KV heads as `attend`.
+
+    cuDNN's backward pass gives NaN gradients when a query row has nothing to attend to (left
+    padding, the tail of a packed row; measured on an H200, BENCHMARKS.md "Accelerator check"),
+    so on that path such a row attends to its own position instead. Its output is never read
+    (the loss, the metrics and every later key mask drop padding), so real rows are unchanged.
+    """
+    if not cudnn_applies(q):
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
+    mask = with_own_position(allowed)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def with_own_position(allowed: jax.Array) -> jax.Array:
+    """`allowed` `[batch, q_len, kv_len]` where every query row with nothing to attend to may
+    attend to its own position (query i sits at key i + kv_len - q_len); other rows unchanged."""
+    q_len, kv_len = allowed.shape[1:]
+    own = jnp.arange(q_len)[:, None] + (kv_len - q_len) == jnp.arange(kv_len)[None]
+    return allowed | (own[None] & ~allowed.any(-1, keepdims=True))
+
+
+def cudnn_applies(q: jax.Array) -> bool:
+    """Whether `attend_dot_product` asks for cuDNN: the default device is a GPU, the operands
+    are bfloat16 or float16 and the head size is one cuDNN's flash attention takes (a multiple
+    of 8, at most 128)."""
+    device = jax.config.jax_default_device
+    platform = getattr(device, "platform", device) or jax.default_backend()
+    head_dim = q.shape[-1]
+    return (
+        platform in ("gpu", "cuda")
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
 
 
 def attend_cache(q: jax.Array, k_t: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
