@@ -29,13 +29,18 @@ dense bfloat16 peak (`PUBLISHED_PEAKS`; omitted, with a note, for other devices)
 process's peak device memory so far (`memory_stats()` has no reset: the learner's line covers
 both phases) next to the compiled program's own estimate (`scale.report`). Rows: `--rows`
 (768), halved until the phase's estimate fits its share of `--budget-s`; each line says how many.
+Then the same row counts with the paper's length distribution (`accelerator_timing.py`):
+`sampler_slots` (rows // 4 decode slots, each row ending at its drawn length) and
+`learner_packed` (`packing=true`), each with `speedup` over its lock-step or padded phase,
+`real_fraction` and, for slots, `row_step_utilization`; their tokens/s and MFU count real tokens.
 
 Each check prints one line (`--json`: a JSON object with backend, check, ok and numbers;
 progress and tracebacks go to stderr); a check that raises is `ok: false` with its error and
 the run goes on. Bad input (an absent backend, shapes the device cannot hold, a missing
 package) is one `error:` line and exit 2 before anything compiles. Exit 1 if a check failed.
 Public, stable JAX APIs only (`jax.devices`, `jit(...).lower(...).compile()`,
-`memory_analysis()`, `memory_stats()`, `default_device`, `default_matmul_precision`).
+`memory_analysis()`, `memory_stats()`, `default_device`, `default_matmul_precision`); the slot
+phase drives rl_jax's generation program as `padding_sampler.py` does.
 """
 
 from __future__ import annotations
@@ -53,19 +58,16 @@ import traceback
 try:
     import flax
     import jax
-    import jax.numpy as jnp
     import jaxlib
-    import numpy as np
     import optax
-    from flax import nnx
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import accelerator_numerics as numerics
     import learner as learner_bench
-    import peak
     import scale
+    from accelerator_timing import PLAN_COMPILE_S, GiB, Paper, measure_peak, memory_limit, plan_rows
 
-    from rl_jax import models, parallel
+    from rl_jax import models
     from rl_jax.models.memory import ATTENTION
 except ModuleNotFoundError as missing:
     print(
@@ -74,27 +76,6 @@ except ModuleNotFoundError as missing:
         file=sys.stderr,
     )
     sys.exit(2)
-
-GiB = 2**30
-# Dense bfloat16 FLOP/s per chip from the vendors' spec sheets (NVIDIA H200 / H100 / A100
-# datasheets without sparsity; Google Cloud TPU system architecture pages), matched in order
-# against the lower-cased `device_kind`.
-PUBLISHED_PEAKS = (
-    ("h200", "NVIDIA H200 SXM", 989e12),
-    ("h100 pcie", "NVIDIA H100 PCIe", 756e12),
-    ("h100 80gb hbm3", "NVIDIA H100 SXM", 989e12),
-    ("a100", "NVIDIA A100", 312e12),
-    ("tpu v4", "TPU v4", 275e12),
-    ("tpu v5 lite", "TPU v5e", 197e12),
-    ("tpu v5e", "TPU v5e", 197e12),
-    ("tpu v5p", "TPU v5p", 459e12),
-    ("tpu v5", "TPU v5p", 459e12),
-    ("tpu v6", "TPU v6e", 918e12),
-)
-# Planning only (rows per phase): the assumed fraction of the measured bfloat16 matmul peak
-# that useful FLOPs reach, and a compile time, before either is measured.
-PLAN_UTILISATION = {"sampler": 0.1, "learner": 0.3}
-PLAN_COMPILE_S = 60.0
 
 
 def fail(message: str):
@@ -138,22 +119,6 @@ class Report:
         return result
 
 
-def published_peak(device) -> tuple[str, float] | tuple[None, None]:
-    kind = device.device_kind.lower()
-    for pattern, name, flops in PUBLISHED_PEAKS:
-        if pattern in kind:
-            return name, flops
-    return None, None
-
-
-def memory_limit(device, memory_gib: float | None = None) -> int | None:
-    """Bytes the device can hold: `memory_gib` if given, else `memory_stats()["bytes_limit"]`;
-    None where neither says (a CPU)."""
-    if memory_gib:
-        return int(memory_gib * GiB)
-    return (device.memory_stats() or {}).get("bytes_limit")
-
-
 def static_bytes(config, rows: int, seq: int) -> int:
     """A lower bound on one device's memory for the timed programs, from the shapes alone:
     learner: float32 parameters (also the reference), the state's copy, two AdamW moments and
@@ -161,153 +126,6 @@ def static_bytes(config, rows: int, seq: int) -> int:
     n = config.num_params
     kv = rows * seq * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
     return max(20 * n, 6 * n + kv)
-
-
-def paper_settings(args, rows: int):
-    """`scale.py`'s arguments for `rows` with its recommended memory settings; the micro-batch
-    count keeps the recommended rows per micro-batch of the requested row count."""
-    seq = args.prompt_len + args.response_len
-    per_request = scale.recommended_micro_batches(args.model, args.rows, seq, 1)
-    micro = max(1, per_request * rows // args.rows)
-    while rows % micro:
-        micro -= 1
-    settings = {
-        **scale.RECOMMENDED,
-        "attention": args.attention,
-        "attention_chunk": args.attention_chunk,
-    }
-    if args.small:  # blocks smaller than the tiny shapes, so the chunked paths run
-        settings["logprob_chunk"] = 8
-    return argparse.Namespace(
-        rows=rows, prompt_len=args.prompt_len, response_len=args.response_len,
-        micro_batches=micro, ref_metrics=True, layer_copies="auto", lengths="full",
-        packing=False, decode_slots=0, **settings,
-    )  # fmt: skip
-
-
-def plan_rows(args, phase: str, flops_per_run, peak_flops: float, share_s: float) -> int:
-    """The requested rows, halved (whole groups of 8) until compile + 2 runs are estimated to
-    fit `share_s` at `PLAN_UTILISATION` of the measured matmul peak."""
-    estimate = lambda r: (
-        PLAN_COMPILE_S + 2 * flops_per_run(r) / (PLAN_UTILISATION[phase] * peak_flops)
-    )
-    rows = args.rows
-    while rows % 16 == 0 and estimate(rows) > share_s:
-        rows //= 2
-    return rows
-
-
-class Paper:
-    """The timed workload: random weights of `args.model` on one device, the recommended
-    settings, programs compiled by `benchmarks/scale.py`."""
-
-    def __init__(self, args, device):
-        self.args, self.device = args, device
-        self.limit = memory_limit(device, args.memory_gib)
-        self.config = models.get_config(
-            args.model, dtype=scale.RECOMMENDED["dtype"], param_dtype="float32"
-        )
-        self.mesh = parallel.make_mesh(1, [device])
-        with jax.default_device(device):
-            self.graphdef, params = nnx.split(models.init_model(self.config, 0))
-        self.params = jax.device_put(params, parallel.param_shardings(params, self.mesh))
-        self.name, self.peak = published_peak(device)
-
-    def flops(self, rows: int) -> dict:
-        a = self.args
-        return peak.sequence_flops(self.config, rows, a.prompt_len, a.response_len)
-
-    def _compiled(self, program, settings) -> tuple:
-        start = time.perf_counter()
-        compiled = program(self.config, self.mesh, settings)
-        compile_s = time.perf_counter() - start
-        estimate = scale.report("", compiled, {}, top=1)["peak_bytes"]
-        if self.limit and estimate > self.limit:
-            raise MemoryError(
-                f"the compiled program needs {estimate / GiB:.1f} GiB, the device holds "
-                f"{self.limit / GiB:.1f} GiB: pass a smaller --rows"
-            )
-        return compiled, compile_s, estimate
-
-    def _timed(self, run, deadline: float) -> list[float]:
-        """Seconds of each call of `run`: two, or one when a second would pass `deadline`."""
-        times = []
-        while len(times) < 2 and (not times or time.monotonic() + times[-1] < deadline):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return times
-
-    def _result(self, rows, settings, compile_s, estimate, times, tokens, flops) -> dict:
-        seconds = times[-1]
-        stats = self.device.memory_stats() or {}
-        result = {
-            "model": self.args.model, "rows": rows, "requested_rows": self.args.rows,
-            "prompt_len": self.args.prompt_len, "response_len": self.args.response_len,
-            "micro_batches": settings.micro_batches, "dtype": settings.dtype,
-            "remat": settings.remat, "attention": settings.attention,
-            "logprob_chunk": settings.logprob_chunk, "compile_s": round(compile_s, 1),
-            "rows_note": "" if rows == self.args.rows else "fewer rows: the budget",
-            "run_s": [round(t, 3) for t in times], "response_tokens_per_s": tokens / seconds,
-            "tflops": round(flops / seconds / 1e12, 3),
-            "aot_peak_gib": round(estimate / GiB, 2),
-            "device_peak_gib": round(stats["peak_bytes_in_use"] / GiB, 2)
-            if "peak_bytes_in_use" in stats else None,
-        }  # fmt: skip
-        if self.peak:
-            result.update(mfu=round(flops / seconds / self.peak, 4), peak_of=self.name)
-        else:
-            result["mfu_note"] = f"no published peak for {self.device.device_kind!r}"
-        return {**result, "ok": True}
-
-    def sampler(self, rows: int, deadline: float) -> dict:
-        settings = paper_settings(self.args, rows)
-        compiled, compile_s, estimate = self._compiled(scale.generate_program, settings)
-        rng = np.random.default_rng(0)
-        shape = (rows, self.args.prompt_len)
-        tokens = rng.integers(1, self.config.vocab_size, shape).astype(np.int32)
-        tokens, mask = jax.device_put(
-            (tokens, np.ones(shape, np.int32)), parallel.batch_sharding(self.mesh)
-        )
-        out = []
-        run = lambda: out.append(
-            jax.block_until_ready(compiled(self.params, jax.random.key(0), tokens, mask))
-        )
-        times = self._timed(run, deadline)
-        rollout, _ = out[-1]  # (Rollout, slot-steps)
-        generated = float(np.asarray(rollout.response_mask).sum())
-        flops = self.flops(rows)["sample"]
-        return self._result(rows, settings, compile_s, estimate, times, generated, flops)
-
-    def learner(self, rows: int, deadline: float) -> dict:
-        settings = paper_settings(self.args, rows)
-        compiled, compile_s, estimate = self._compiled(scale.learner_program, settings)
-        learner = scale.paper_learner(self.graphdef, settings)
-        a = self.args
-        batch = learner_bench.random_batch(self.config, rows, a.prompt_len, a.response_len)
-        batch = jax.device_put(batch, parallel.batch_sharding(self.mesh))
-        state = [learner.init(self.params)]
-
-        def run():  # the reference policy is the initial parameters (not donated)
-            state[0], metrics = compiled(state[0], batch, self.params, jax.random.key(0), None)
-            if not np.isfinite(float(metrics["loss"])):
-                raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
-
-        times = self._timed(run, deadline)
-        tokens = rows * a.response_len
-        flops = self.flops(rows)["train"]
-        return self._result(rows, settings, compile_s, estimate, times, tokens, flops)
-
-
-def measure_peak(device, small: bool) -> dict:
-    sizes = (256,) if small else (2048, 4096, 8192)
-    gflops = {n: peak.jax_matmul_gflops(n, 5, jnp.bfloat16) for n in sizes}
-    name, published = published_peak(device)
-    result = {"bf16_tflops": max(gflops.values()) / 1e3, "sizes": list(sizes)}
-    if published:
-        result.update(published=name, published_tflops=published / 1e12)
-        result["of_published"] = round(result["bf16_tflops"] * 1e12 / published, 3)
-    return {**result, "ok": True}
 
 
 def parse_args(argv):
@@ -430,19 +248,38 @@ def run_checks(args, report: Report, device, cpu) -> None:
         return
     paper = made["paper"]
     end = report.start + args.budget_s
+    # (phase, measure, FLOPs per run of r rows for planning, share of the seconds left); the
+    # learner's FLOPs + the recomputed and the reference forward: 5 forwards' worth of work.
+    learner_flops = lambda r: paper.flops(r)["train"] * 5 / 3
     phases = (
-        ("sampler", paper.sampler, lambda r: paper.flops(r)["sample"], 0.4),
-        # + the recomputed and the reference forward: 5 forwards' worth of work
-        ("learner", paper.learner, lambda r: paper.flops(r)["train"] * 5 / 3, 1.0),
+        ("sampler", paper.sampler, lambda r: paper.flops(r)["sample"], 0.3),
+        ("sampler_slots", paper.sampler_slots, None, 0.35),
+        ("learner", paper.learner, learner_flops, 0.7),
+        (
+            "learner_packed",
+            lambda r, d, s: paper.learner(r, d, packing=True, padded_s=s),
+            None,
+            1.0,
+        ),
     )
-    for phase, measure, flops, share in phases:  # share: of the seconds left
+    done = {}
+    for phase, measure, flops, share in phases:
         share_s = share * (end - time.monotonic())
         if end - time.monotonic() < PLAN_COMPILE_S:
             report.emit(f"timing/{phase}", False, error="the budget is spent: raise --budget-s")
             continue
-        rows = plan_rows(args, phase, flops, peak_flops, share_s)
+        if flops is None:  # the padded phase's rows, for a side-by-side ratio
+            before = done.get(phase.split("_")[0])
+            if before is None:
+                report.emit(f"timing/{phase}", False, error=f"no {phase.split('_')[0]} line")
+                continue
+            rows, args_ = before["rows"], (before["run_s"][-1],)
+        else:
+            rows, args_ = plan_rows(args, phase, flops, peak_flops, share_s), ()
         report.progress(f"{phase}: {rows} of {args.rows} rows")
-        report.run(f"timing/{phase}", measure, rows, time.monotonic() + share_s)
+        done[phase] = report.run(
+            f"timing/{phase}", measure, rows, time.monotonic() + share_s, *args_
+        )
 
 
 if __name__ == "__main__":

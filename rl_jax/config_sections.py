@@ -226,7 +226,8 @@ class MemoryConfig:
     compute_dtype, param_dtype: "float32" | "bfloat16" activations / stored parameters (the
       optimizer moments stay float32).
     remat: "none" | "full" | "save-dots" recomputation of the decoder layers; attention: "xla" |
-      "chunked" | "dot_product" (`rl_jax.models.MemoryOptions`).
+      "chunked" | "dot_product" (`rl_jax.models.MemoryOptions`; "dot_product" is cuDNN's flash
+      attention on a GPU in bfloat16, the fastest there).
     logprob_chunk: response positions per block of the log-prob / entropy / KL pass (0 = one
       block).
     packing: the learner's forward passes on packed sequences (each micro-batch's rows laid end

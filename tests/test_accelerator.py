@@ -17,7 +17,8 @@ CHECKS = {
     "environment", "logits", "sampler/greedy", "sampler/sampled", "learner",
     "attention/chunked", "attention/dot_product", "bfloat16", "attention/dot_product_bf16",
     "logits/default_precision",
-    "timing/matmul_peak", "timing/setup", "timing/sampler", "timing/learner", "summary",
+    "timing/matmul_peak", "timing/setup", "timing/sampler", "timing/sampler_slots",
+    "timing/learner", "timing/learner_packed", "summary",
 }  # fmt: skip
 
 
@@ -74,6 +75,13 @@ def test_small_run_passes_every_check_without_the_packages_the_gpu_image_lacks(t
         assert timing["rows"] == 16 and timing["response_tokens_per_s"] > 0, timing
         assert timing["compile_s"] > 0 and timing["aot_peak_gib"] >= 0, timing
         assert "mfu" not in timing and "no published peak" in timing["mfu_note"], timing
+    slots, packed = by_check["timing/sampler_slots"], by_check["timing/learner_packed"]
+    for timing, before in ((slots, "timing/sampler"), (packed, "timing/learner")):
+        # the same rows as the padded phase, real (paper-shaped) lengths, a ratio against it
+        assert timing["rows"] == by_check[before]["rows"] and timing["speedup"] > 0, timing
+        assert 0 < timing["real_fraction"] < 1, timing
+    assert slots["decode_slots"] == 8 and 0 < slots["row_step_utilization"] <= 1, slots
+    assert packed["packed_shape"] and packed["aot_peak_gib"] >= 0, packed
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 `MemoryOptions` (hashable: static under jit) picks the layer recomputation (`REMAT_POLICIES`),
 the attention kernel of `rl_jax.models.attention` and whether the layers run as a `lax.scan` or
 a Python loop. Every choice computes the same function (`attend_chunked` and
-`attend_dot_product` up to rounding); README, "Accelerators", gives the settings per machine.
+`attend_dot_product` up to rounding; the latter is cuDNN's flash attention on a GPU in bfloat16);
+README, "The paper's GSM8K setup on a GPU or TPU", gives the settings per machine.
 """
 
 from __future__ import annotations
