@@ -3,8 +3,7 @@
 The RED variants shape the data rather than clip the update: RED-Drop drops surplus negative
 responses of each group so positives and negatives balance; RED-Weight scales each response's
 term by exp(A / temp), weighting the best responses of a group up; adaptive RED-Weight
-(`red-weight-adaptive`; the committed results below predate it, and
-`--algorithms grpo,red-drop,red-weight` reruns them) chooses temp each step by bisection
+(`red-weight-adaptive`) chooses temp each step by bisection
 (`experiments/adaptive_red.py` compares it at interval 20 with paired intervals). No preset clips
 (DESIGN.md §3); `algorithm_overrides.clip=one-side` on the command line adds REC's one-sided
 clipping to every algorithm of the study. The paper reports both as competitive with or better
@@ -20,15 +19,16 @@ Options: --steps N, --seed S, --seeds N (seeds per run, one compiled program; ta
 mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=value TrainConfig
 overrides (as `rl_jax.train`).
 
-Time: 8 runs (6 before the adaptive preset); those 6 with 3 seeds at 200 steps (the committed
-results in experiments/results/red_study/) took 10.5 minutes on a nearly idle 2-core CPU (630 s,
-two CPU devices), about twice that at the default 400 steps.
-Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): every algorithm at both sync
-settings ends at held-out 0.83-0.85 (+- 0.09-0.11) from 0.20, with KL 0.081-0.089; at sync
-interval 20 RED-Drop and RED-Weight are a little faster early (held-out 0.53 and 0.56 against
-0.45 for GRPO at step 40, 0.68 and 0.67 against 0.60 at step 60, the bands overlapping) and the
-same at the end. RED-Drop without clipping stays stable at this learning rate (at lr 1e-4 one
-seed of it collapsed after step 60 at interval 20).
+Time: 8 runs; with 3 seeds at 200 steps (the committed results in experiments/results/red_study/)
+about 17 minutes on a nearly idle 2-core CPU (1002 s of training and evaluation), about twice
+that at the default 400 steps.
+Expected (3 seeds, 200 steps, the embedded default's lr 2e-5): from held-out 0.20, every
+algorithm at both sync settings ends at 0.85-0.87 (+- 0.02-0.07), with KL 0.084-0.089 (RED-Drop
+at interval 20: 0.112 +- 0.102, one seed higher). On-policy the four learn at the same pace; at
+sync interval 20 the RED variants are faster early (held-out 0.68-0.70 against 0.59 for GRPO at
+step 60, 0.53-0.58 against 0.47 at step 40) and level with GRPO from step ~140. RED-Drop without
+clipping stays stable at this learning rate (at lr 1e-4 one seed of it collapsed after step 60
+at interval 20).
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/red_study.png` (one column per sync setting:
 training reward on top, held-out reward below) and `<out>/summary.md` (also printed).
 """
