@@ -136,8 +136,8 @@ class SamplerConfig:
       (`rl_jax.slots`). 0 (the default): all rows at once until the longest is done
       (lock-step). For the embedded preset 16 slots sample a step 1.6-1.75x faster, but a
       100-step run pays more for their compile than it saves (BENCHMARKS.md, "Slot decoding");
-      for long, unequal responses (GSM8K) slots are 3.7-4.2x faster. Changes the sampler's
-      speed, not its draws.
+      on GSM8K-shaped lengths (`benchmarks/padding.py`) 16 slots are 3.7-4.2x faster. Changes
+      the sampler's speed, not its draws.
     """
 
     temperature: float = 1.0
