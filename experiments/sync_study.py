@@ -18,13 +18,14 @@ mean +- 95% t-interval over seeds and the figure 95% bands), --out DIR, key=valu
 overrides (as `rl_jax.train`).
 
 Time: the committed results (experiments/results/sync_study/: all 24 runs, 3 seeds, 200 steps)
-took 37 minutes on a nearly idle 2-core CPU (2245 s, two CPU devices): ~0.45 s per 3-seed step, so about 75 minutes at the default 400 steps.
-Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.85 held-out);
-at offset 10 each REINFORCE seed ends below its own peak (0.78 +- 0.10 at step 200) while GRPO =
-REC-OneSide-NoIS (~0.85), the intervals overlapping; the (0.6, 2.0) range is fastest
-off-policy (0.55 at step 40 against 0.45) and stable; offline the (0.2, 0.2) variants stall at
-0.31-0.46, (0.6, 2.0) reaches ~0.66, REINFORCE ~0.79 with a KL of ~30. The committed summary adds
-the paper's claims and what decides them.
+took 40 minutes on a nearly idle 2-core CPU (2392 s, two CPU devices): ~0.5 s per 3-seed step,
+so about 80 minutes at the default 400 steps.
+Expected (3 seeds, 200 steps, lr 2e-5): on-policy all variants overlap (0.20 -> 0.87 held-out);
+at offset 10 each REINFORCE seed ends below its own peak (0.81 +- 0.15 at step 200) while GRPO =
+REC-OneSide-NoIS (~0.87), the intervals overlapping; the (0.6, 2.0) range is the fastest clipped
+variant off-policy (0.56 at step 40 against 0.47) and stable; offline the (0.2, 0.2) variants
+stall at 0.32-0.48, (0.6, 2.0) reaches ~0.67, REINFORCE ~0.78 with a KL of ~31. The committed
+summary adds the paper's claims and what decides them.
 Output: `<out>/<sync>/<algorithm>/` per run, `<out>/sync_study.png` (one column per sync
 setting: training reward on top, held-out reward below, one line per algorithm) and
 `<out>/summary.md` (tables of held-out and training reward and KL; also printed).
