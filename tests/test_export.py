@@ -120,6 +120,7 @@ def test_bfloat16(saved, tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.skipif(not TINY_QWEN2.is_dir(), reason=f"{TINY_QWEN2} is absent")
 def test_hf_tokenizer_files_are_copied(tmp_path):
     """GSM8K runs name a Hugging Face tokenizer directory: its files, chat template included."""
     HFTokenizer(TINY_QWEN2).save(tmp_path)
